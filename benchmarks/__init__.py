@@ -1,0 +1,1 @@
+"""Microbenchmarks (installed as ``fastpref.benchmarks``)."""
