@@ -1,0 +1,7 @@
+"""Differentiable ops with an ``impl="auto"|"triton"|"torch"`` switch and a PyTorch twin each."""
+
+from fastpref.ops.fused import fused_linear_chunked_loss, plan_chunks, segment_ids, segment_sum
+from fastpref.ops.logprobs import linear_cross_entropy, linear_logprobs
+
+__all__ = ["fused_linear_chunked_loss", "linear_cross_entropy", "linear_logprobs", "plan_chunks", "segment_ids",
+           "segment_sum"]
