@@ -24,6 +24,7 @@ flags are ``tl.constexpr``; sizes (N, V, H) are runtime arguments, so a new batc
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -62,7 +63,7 @@ def _fused_fwd_kernel(
     inv_temp,  # 1 / temperature
     v_per_split,  # vocabulary columns per split, a multiple of BLOCK_V
     HAS_BIAS: tl.constexpr,
-    IEEE_FP32: tl.constexpr,  # fp32 inputs: exact fp32 dot instead of tf32
+    DOT_FP32: tl.constexpr,  # exact fp32 dot (fp32 inputs: no tf32; also under the CPU interpreter, whose bf16 dot is wrong)
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -86,8 +87,8 @@ def _fused_fwd_kernel(
             d_ok = dd < D
             h = tl.load(H + rows[:, None] * stride_h + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             w = tl.load(W + cols[:, None] * stride_w + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if IEEE_FP32:
-                acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+            if DOT_FP32:
+                acc = tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
             else:
                 acc = tl.dot(h, tl.trans(w), acc)
         if HAS_BIAS:
@@ -219,7 +220,8 @@ def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         hidden, weight, bias if bias is not None else hidden, targets,
         stats[0], stats[1], stats[2], stats[3],
         N, V, D, hidden.stride(0), weight.stride(0), inv_temp, v_per_split,
-        HAS_BIAS=bias is not None, IEEE_FP32=hidden.dtype == torch.float32,
+        HAS_BIAS=bias is not None,
+        DOT_FP32=hidden.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1",
         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
         num_warps=4 if BLOCK_N <= 32 else 8, num_stages=3,
     )
