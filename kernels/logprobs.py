@@ -70,6 +70,7 @@ def _fused_fwd_kernel(
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    rows64 = rows.to(tl.int64)  # pointer offsets in int64: V * H can exceed 2^31
     tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
@@ -85,8 +86,9 @@ def _fused_fwd_kernel(
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < D
-            h = tl.load(H + rows[:, None] * stride_h + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(W + cols[:, None] * stride_w + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            h = tl.load(H + rows64[:, None] * stride_h + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(W + cols.to(tl.int64)[:, None] * stride_w + dd[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if DOT_FP32:
                 acc = tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
             else:
@@ -120,7 +122,8 @@ def _rows_stats_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        z = tl.load(Z + rows.to(tl.int64)[:, None] * stride_z + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         m, s, t, zt = _online_update(z.to(tl.float32) * inv_temp, col_ok, cols, tgt, m, s, t, zt)
     tl.store(OUT_M + rows, m, mask=row_ok)
     tl.store(OUT_S + rows, s, mask=row_ok)
