@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import torch
 
-# Elements of one [chunk, V] logits tile by default (64M: 128 MiB in bf16): large enough for cuBLAS to
-# run near peak, small enough to stay a few percent of the full logits at LLM sizes.
-_TILE_ELEMENTS = 1 << 26
+# Elements of one [chunk, V] logits tile by default. GPU: 64M (128 MiB in bf16), large enough for cuBLAS to
+# run near peak, small enough to stay a few percent of the full logits at LLM sizes. CPU: 4M (16 MiB fp32),
+# where matmuls saturate much earlier and memory is the scarcer resource.
+_TILE_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
 
 
-def default_chunk_rows(vocab_size: int, n_rows: int) -> int:
-    """Rows per chunk so that ``rows * V`` is about 64M elements (a power of two in [64, 8192])."""
-    rows = max(64, min(8192, 1 << max(0, (_TILE_ELEMENTS // max(vocab_size, 1)).bit_length() - 1)))
+def default_chunk_rows(vocab_size: int, n_rows: int, device: torch.device | str = "cuda") -> int:
+    """Rows per chunk so that ``rows * V`` is about one tile budget (a power of two in [16, 8192])."""
+    budget = _TILE_ELEMENTS.get(torch.device(device).type, _TILE_ELEMENTS["cuda"])
+    rows = max(16, min(8192, 1 << max(0, (budget // max(vocab_size, 1)).bit_length() - 1)))
     return max(1, min(rows, n_rows))
 
 

@@ -28,17 +28,18 @@ from fastpref.ops import _chunks
 ChunkLossFn = Callable[[int, int, torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, dict]"]
 
 
-def plan_chunks(unit_bounds: Sequence[int], vocab_size: int, *, chunk_size: int | None = None) -> list[int]:
+def plan_chunks(unit_bounds: Sequence[int], vocab_size: int, *, chunk_size: int | None = None,
+                device: torch.device | str = "cuda") -> list[int]:
     """Group consecutive units (sequences, pairs, groups) into chunks of at most ``chunk_size`` tokens.
 
     ``unit_bounds`` are python ints ``[0, b1, ..., N]`` (token boundaries of the units). A unit longer than
     the budget becomes a chunk of its own. Returns chunk boundaries ``[0, ..., N]``, a subset of the units'.
-    The default budget keeps ``chunk * V`` near 64M elements.
+    The default budget keeps ``chunk * V`` near 64M elements on GPU (4M on CPU; pass ``device``).
     """
     bounds = [int(b) for b in unit_bounds]
     if len(bounds) < 1 or bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
         raise ValueError(f"plan_chunks: unit_bounds must start at 0 and be non-decreasing, got {bounds[:8]}...")
-    budget = chunk_size or _chunks.default_chunk_rows(vocab_size, max(bounds[-1], 1))
+    budget = chunk_size or _chunks.default_chunk_rows(vocab_size, max(bounds[-1], 1), device)
     if budget <= 0:
         raise ValueError(f"plan_chunks: chunk_size must be positive, got {chunk_size}")
     return _greedy(bounds, budget)

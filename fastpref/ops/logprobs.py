@@ -135,7 +135,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     impl = resolve_impl(impl, hidden.device, op=op)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
-    chunk_rows = chunk_size or _chunks.default_chunk_rows(weight.shape[0], max(h.shape[0], 1))
+    chunk_rows = chunk_size or _chunks.default_chunk_rows(weight.shape[0], max(h.shape[0], 1), h.device)
     if h.stride(-1) != 1:
         h = h.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
