@@ -88,3 +88,63 @@ def load_smollm2(dtype: torch.dtype = torch.float32, **kwargs):
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype, **kwargs)
     return model, tok
+
+
+def compile_for_gpu(module: str, kernel: str, signature: dict, constexprs: dict, arch: int = 90,
+                    **options) -> dict:
+    """Compile ``module.kernel`` (a ``@triton.jit`` function) ahead of time for an NVIDIA GPU (default sm_90).
+
+    Works on a machine without a GPU, with the ``ptxas`` shipped in the triton wheel, in a subprocess (the
+    test process runs Triton under the interpreter). ``signature`` maps runtime argument names to Triton types
+    (``"*bf16"``, ``"i32"``, ``"fp32"``), ``constexprs`` the constexpr names to values. Returns
+    ``{"regs", "stack", "shared", "wgmma"}`` (``stack`` > 0 means register spills). Catches compile errors and
+    spills in CPU-only CI, before a GPU session is spent on them.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = json.dumps([module, kernel, signature, constexprs, arch, options])
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise AssertionError(f"{module}.{kernel} failed to compile for sm_{arch}:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_COMPILE_SCRIPT = """
+import importlib, json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+module, kernel, signature, constexprs, arch, options = json.loads(sys.argv[1])
+fn = getattr(importlib.import_module(module), kernel)
+names = fn.arg_names
+missing = set(names) - set(signature) - set(constexprs)
+if missing:
+    raise SystemExit(f"no type or value for {sorted(missing)}")
+sig = {n: ("constexpr" if n in constexprs else signature[n]) for n in names}
+consts = {(names.index(n),): v for n, v in constexprs.items()}
+k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                   options=options)
+with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+    f.write(k.asm["cubin"])
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+os.unlink(f.name)
+m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+print(json.dumps({"regs": int(m.group(1)) if m else -1, "stack": int(m.group(2)) if m else -1,
+                  "shared": k.metadata.shared, "wgmma": "wgmma" in k.asm["ptx"]}))
+"""
+
+
+def ptxas_available() -> bool:
+    """True when the triton wheel ships ptxas (needed by ``compile_for_gpu``)."""
+    import os
+
+    try:
+        import triton
+    except Exception:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))

@@ -208,7 +208,8 @@ def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         raise ValueError("hidden and weight need a unit column stride")
     BLOCK_N = _pow2(N, 16, 64)
     BLOCK_V = 128 if V >= 128 else _pow2(V, 16, 128)
-    BLOCK_D = _pow2(D, 16, 64)
+    dot_fp32 = hidden.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    BLOCK_D = _pow2(D, 16, 32 if hidden.dtype == torch.float32 else 64)  # fp32 tiles: no spills at 32
     n_blocks = triton.cdiv(N, BLOCK_N)
     v_tiles = triton.cdiv(V, BLOCK_V)
     if num_splits is None:
@@ -224,7 +225,7 @@ def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         stats[0], stats[1], stats[2], stats[3],
         N, V, D, hidden.stride(0), weight.stride(0), inv_temp, v_per_split,
         HAS_BIAS=bias is not None,
-        DOT_FP32=hidden.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1",
+        DOT_FP32=dot_fp32,
         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
         num_warps=4 if BLOCK_N <= 32 else 8, num_stages=3,
     )
