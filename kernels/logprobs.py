@@ -227,7 +227,7 @@ def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         HAS_BIAS=bias is not None,
         DOT_FP32=dot_fp32,
         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
-        num_warps=4 if BLOCK_N <= 32 else 8, num_stages=3,
+        num_warps=4 if BLOCK_N <= 32 else 8, num_stages=2 if hidden.dtype == torch.float32 else 3,
     )
     return merge_splits(stats[0], stats[1], stats[2], stats[3])
 

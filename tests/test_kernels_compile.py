@@ -21,7 +21,7 @@ def test_logprobs_fused_forward(dtype):
          "D": "i32", "stride_h": "i32", "stride_w": "i32", "inv_temp": "fp32", "v_per_split": "i32"},
         {"HAS_BIAS": True, "DOT_FP32": dtype == "fp32", "BLOCK_N": 64, "BLOCK_V": 128,
          "BLOCK_D": 32 if dtype == "fp32" else 64},  # as the launcher picks
-        num_warps=8, num_stages=3)
+        num_warps=8, num_stages=2 if dtype == "fp32" else 3)
     assert res["stack"] == 0, f"register spills: {res}"
     if dtype != "fp32":
         assert res["wgmma"], "the bf16/fp16 dot should use Hopper's wgmma"
