@@ -1,0 +1,1 @@
+"""Training algorithms: one small module each, one interface (:class:`fastpref.train.algorithms.base.Algorithm`)."""
