@@ -91,7 +91,7 @@ class _TokenPolicyLoss(torch.autograd.Function):
         seq_lr = None
         if level != "token":
             n_seqs = seq_inv_len.shape[0]
-            lr = (logp - old_logp) * mask if old_logp is not None else torch.zeros_like(logp)
+            lr = torch.zeros_like(logp) if old_logp is None else torch.where(mask != 0, logp - old_logp, 0.0)
             seq_lr = (_seq_sum(lr, seq_ids, n_seqs) * seq_inv_len)[seq_ids].contiguous()
         if impl == "triton":
             from fastpref.kernels.token_loss import token_loss_fwd as fwd
