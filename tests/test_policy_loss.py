@@ -205,7 +205,7 @@ def test_value_loss_vs_formula():
     assert abs(m["value/clipfrac"].item() - frac / n) < 1e-12
 
 
-# ---------------------------------------------------------------- TRL 1.16's GRPOTrainer._compute_loss, called on a stub
+# ------------------------------------------------------------ TRL 1.16's GRPOTrainer._compute_loss, called on a stub
 
 
 def _trl_loss(logps, old, adv, mask, ref, *, loss_type, eps_low, eps_high, level, beta, delta, max_len):

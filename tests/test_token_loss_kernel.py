@@ -71,7 +71,8 @@ def test_kernel_and_twin_vs_fp64(level, kl, has_ref, on_policy, delta):
     outs = {}
     for impl in ("torch", "triton"):
         x = lp.float().requires_grad_()
-        loss, st = token_policy_loss(x, adv.float(), w.float(), mask.float(), old_logp=None if on_policy else old.float(),
+        loss, st = token_policy_loss(x, adv.float(), w.float(), mask.float(),
+                                     old_logp=None if on_policy else old.float(),
                                      ref_logp=ref.float() if has_ref else None, level=level, seq_ids=ids,
                                      seq_inv_len=inv, eps_low=eps_low, eps_high=eps_high, delta=delta, beta=0.1,
                                      kl_estimator=kl, impl=impl)

@@ -10,10 +10,11 @@ turns ``g_t`` into ``dhidden`` / ``dweight`` in the same pass. 6NHV FLOPs, one `
 * ``old_logps=None``: on-policy (ratio 1 with the gradient of ``logp``), no second forward.
 * GSPO's sequence ratio ``s_i = exp(mean_t(logp - old))`` needs the whole sequence: chunks hold whole
   sequences, so it is local to the chunk (``plan_chunks`` gives a sequence longer than the chunk budget a chunk
-  of its own, so this stays exact, with a larger tile). Two-pass alternative when that tile is too large:
-  pass 1 computes every ``logp`` with ``linear_logprobs`` under ``no_grad`` (2NHV), which gives each ``s_i``
-  and so every ``g_t`` (``token_policy_loss`` on ``[N]``); pass 2 runs this engine with the surrogate
-  ``sum_t sg[g_t] logp_t`` on chunks of any size (6NHV): 8NHV in total, the same gradients.
+  of its own, so this stays exact, with a larger tile). ``two_pass=True`` is the path for when that tile is
+  too large: pass 1 computes every ``logp`` (and entropy) with ``linear_logprobs`` under ``no_grad`` (2NHV),
+  which gives each ``s_i`` and so every ``g_t`` (the token-loss op on all ``[N]`` tokens); pass 2 runs the
+  engine on chunks of any size, split inside sequences, with the linear surrogate ``sum_t sg[g_t] logp_t``
+  (6NHV): 8NHV in total, the same loss value and gradients. Any loss type accepts it.
 * ``need_entropy=True`` computes the per-token entropy for the ``entropy`` metric and the optional
   ``entropy_coef`` bonus (its gradient flows through the engine's entropy path).
 """
@@ -27,6 +28,7 @@ import torch
 from fastpref.losses.policy import (_per_token, finalize_metrics, per_token_policy_loss, resolve_loss_config,
                                     token_weights)
 from fastpref.ops.fused import fused_linear_chunked_loss, plan_chunks, segment_ids
+from fastpref.ops.logprobs import linear_logprobs
 
 
 class FusedLinearPolicyLoss(torch.nn.Module):
@@ -35,14 +37,15 @@ class FusedLinearPolicyLoss(torch.nn.Module):
     Args (constructor): the loss configuration of ``fastpref.losses.policy_loss`` (``loss_type`` defaults to
         ``"dapo"``, TRL 1.16's default), plus ``temperature`` (logits are divided by it; old/ref log-probs must be
         computed at the same temperature), ``ignore_index``, ``chunk_size`` (tokens per chunk; default from the
-        vocabulary size) and ``impl`` (``auto``: Triton on CUDA).
+        vocabulary size), ``two_pass`` (chunks may split sequences, at the cost of a log-prob-only first pass;
+        see the module docstring) and ``impl`` (``auto``: Triton on CUDA).
     """
 
     def __init__(self, loss_type: str = "dapo", *, eps_low: float | None = None, eps_high: float | None = None,
                  importance_sampling_level: str | None = None, beta: float = 0.0, kl_estimator: str = "k3",
                  delta: float | None = None, max_completion_length: int | None = None, entropy_coef: float = 0.0,
                  temperature: float = 1.0, ignore_index: int = -100, chunk_size: int | None = None,
-                 impl: str = "auto"):
+                 two_pass: bool = False, impl: str = "auto"):
         super().__init__()
         self.eps_low, self.eps_high, self.level = resolve_loss_config(loss_type, eps_low, eps_high,
                                                                       importance_sampling_level)
@@ -53,6 +56,7 @@ class FusedLinearPolicyLoss(torch.nn.Module):
         self.loss_type, self.beta, self.kl_estimator, self.delta = loss_type, float(beta), kl_estimator, delta
         self.max_completion_length, self.entropy_coef = max_completion_length, float(entropy_coef)
         self.temperature, self.ignore_index, self.chunk_size, self.impl = temperature, ignore_index, chunk_size, impl
+        self.two_pass = bool(two_pass)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor, *,
                 cu_seqlens: torch.Tensor | list[int] | None = None, old_logps: torch.Tensor | None = None,
@@ -112,6 +116,13 @@ class FusedLinearPolicyLoss(torch.nn.Module):
         old = _per_token(old_logps, "old_logps", seq_shape, ids, S, fn)
         ref = _per_token(ref_logps, "ref_logps", seq_shape, ids, S, fn)
         ent_w = m * (self.entropy_coef / m.sum().clamp(min=1.0)) if self.entropy_coef else None
+        if N == 0:
+            raise ValueError(f"{fn}: empty batch (N = 0 tokens)")
+        kw = dict(level=self.level, eps_low=self.eps_low, eps_high=self.eps_high, delta=self.delta, beta=self.beta,
+                  kl_estimator=self.kl_estimator, impl=self.impl)
+        tgt = targets.reshape(-1)
+        if self.two_pass:
+            return self._two_pass(h, weight, bias, tgt, need_entropy, adv, w, m, ids, S, old, ref, ent_w, kw)
         bounds = plan_chunks(cu, weight.shape[0], chunk_size=self.chunk_size, device=h.device)
 
         def chunk_loss(s: int, e: int, logp: torch.Tensor, ent: torch.Tensor | None):
@@ -121,14 +132,39 @@ class FusedLinearPolicyLoss(torch.nn.Module):
             return per_token_policy_loss(
                 logp, adv[sl], w[sl], m[sl], ids[sl] - first, last - first + 1,
                 old_logps=None if old is None else old[sl], ref_logps=None if ref is None else ref[sl],
-                entropy=ent, entropy_weights=None if ent_w is None else ent_w[sl], level=self.level,
-                eps_low=self.eps_low, eps_high=self.eps_high, delta=self.delta, beta=self.beta,
-                kl_estimator=self.kl_estimator, impl=self.impl)
+                entropy=ent, entropy_weights=None if ent_w is None else ent_w[sl], **kw)
 
-        if N == 0:
-            raise ValueError(f"{fn}: empty batch (N = 0 tokens)")
-        loss, aux = fused_linear_chunked_loss(h, weight, targets.reshape(-1), chunk_loss, bounds, bias=bias,
+        loss, aux = fused_linear_chunked_loss(h, weight, tgt, chunk_loss, bounds, bias=bias,
                                               temperature=self.temperature, ignore_index=self.ignore_index,
                                               need_entropy=need_entropy, impl=self.impl)
         sums = {k: torch.stack([a[k] for a in aux]).sum() for k in aux[0]}
         return loss, finalize_metrics(sums)
+
+    def _two_pass(self, h, weight, bias, tgt, need_entropy, adv, w, m, ids, S, old, ref, ent_w, kw):
+        """Pass 1: all log-probs without grad, then the loss and ``g_t`` on ``[N]``; pass 2: the surrogate."""
+        with torch.no_grad():
+            out = linear_logprobs(h, weight, tgt, bias=bias, temperature=self.temperature,
+                                  ignore_index=self.ignore_index, return_entropy=need_entropy, impl=self.impl,
+                                  check_targets=False)
+        logp, ent = out if need_entropy else (out, None)
+        logp = logp.requires_grad_()
+        ent = ent.requires_grad_() if ent is not None else None
+        with torch.enable_grad():
+            full, sums = per_token_policy_loss(logp, adv, w, m, ids, S, old_logps=old, ref_logps=ref, entropy=ent,
+                                               entropy_weights=ent_w, **kw)
+            grads = torch.autograd.grad(full, [logp] + ([ent] if ent is not None else []), allow_unused=True)
+        g = grads[0] if grads[0] is not None else torch.zeros_like(logp)
+        ge = grads[1] if ent is not None and grads[1] is not None else None
+        # chunks of any tokens (units of one token): the surrogate is separable token by token
+        bounds = plan_chunks(range(h.shape[0] + 1), weight.shape[0], chunk_size=self.chunk_size, device=h.device)
+
+        def surrogate(s: int, e: int, lp_c: torch.Tensor, ent_c: torch.Tensor | None):
+            val = (g[s:e] * lp_c).sum()
+            if ge is not None:
+                val = val + (ge[s:e] * ent_c).sum()
+            return val, {}
+
+        surr, _ = fused_linear_chunked_loss(h, weight, tgt, surrogate, bounds, bias=bias, temperature=self.temperature,
+                                            ignore_index=self.ignore_index, need_entropy=ge is not None,
+                                            impl=self.impl)
+        return full.detach() + (surr - surr.detach()), finalize_metrics(sums)

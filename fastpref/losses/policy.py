@@ -90,7 +90,8 @@ def _flat_layout(mask: torch.Tensor, cu_seqlens: torch.Tensor | None, fn: str):
     if mask.dim() == 1:
         if cu_seqlens is None:
             raise ValueError(f"{fn}: a packed 1-D mask [N] needs cu_seqlens [S+1]")
-        return mask.to(torch.float32), segment_ids(cu_seqlens.to(mask.device), mask.shape[0]), cu_seqlens.numel() - 1, None
+        ids = segment_ids(cu_seqlens.to(mask.device), mask.shape[0])
+        return mask.to(torch.float32), ids, cu_seqlens.numel() - 1, None
     raise ValueError(f"{fn}: mask must be [B, T] (padded) or [N] (packed), got shape {tuple(mask.shape)}")
 
 
@@ -127,7 +128,8 @@ def token_weights(mask: torch.Tensor, loss_type: str, *, cu_seqlens: torch.Tenso
 
 def per_token_policy_loss(logps: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
                           seq_ids: torch.Tensor, n_seqs: int, *, old_logps: torch.Tensor | None,
-                          ref_logps: torch.Tensor | None, entropy: torch.Tensor | None, entropy_weights: torch.Tensor | None,
+                          ref_logps: torch.Tensor | None, entropy: torch.Tensor | None,
+                          entropy_weights: torch.Tensor | None,
                           level: str, eps_low: float, eps_high: float, delta: float | None, beta: float,
                           kl_estimator: str, impl: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``sum_t w_t l_t - sum_t e_t H_t`` on flat ``[N]`` tensors, plus the metric SUMS (separable over chunks).

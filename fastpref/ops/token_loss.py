@@ -39,7 +39,8 @@ class TokenLossStats(NamedTuple):
     kl: torch.Tensor | None
     """``[N]`` per-token KL estimate to the reference, or None without ``ref_logp``."""
     clip: torch.Tensor
-    """``[N]`` int8: bit 0 low-clipped (``r < 1-eps_low``, ``A < 0``), bit 1 high-clipped (``r > 1+eps_high``, ``A > 0``)."""
+    """``[N]`` int8: bit 0 low-clipped (``r < 1-eps_low``, ``A < 0``), bit 1 high-clipped (``r > 1+eps_high``,
+    ``A > 0``)."""
 
 
 def _torch_token_loss_fwd(logp, advantages, weights, *, old_logp, ref_logp, seq_log_ratio, eps_low, eps_high, delta,
