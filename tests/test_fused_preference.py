@@ -1,0 +1,251 @@
+"""Fused preference losses against autograd through the full fp64 logits + the plain loss.
+
+The oracle forms ``logits = h W^T / T`` for every token in fp64, sums the target log-probs per sequence, calls the
+plain loss of ``fastpref.losses.preference`` and differentiates everything with autograd; the fused loss must give
+the same loss and the same ``d/dhidden``, ``d/dweight`` (``fastpref.testing`` tolerances per dtype), for padded
+(TRL order) and packed (interleaved) layouts, several chunkings, ignored prompt tokens and uneven lengths.
+"""
+
+import pytest
+import torch
+
+from fastpref.losses import (FusedLinearCPOLoss, FusedLinearDPOLoss, FusedLinearKTOLoss, FusedLinearORPOLoss,
+                             FusedLinearSimPOLoss, cpo_loss, dpo_loss, kto_loss, orpo_loss)
+from fastpref.testing import assert_close_to_ref
+
+IGN = -100
+H, V = 16, 48
+
+
+def _sequences(S, seed):
+    """S sequences of uneven length with 1-3 ignored prompt positions and an ignored last position."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for _ in range(S):
+        L = int(torch.randint(4, 11, (1,), generator=g))
+        h = torch.randn(L, H, generator=g, dtype=torch.float64)
+        t = torch.randint(0, V, (L,), generator=g)
+        t[: int(torch.randint(1, min(4, L - 1), (1,), generator=g))] = IGN  # at least one scored token
+        t[-1] = IGN
+        seqs.append((h, t))
+    return seqs
+
+
+def _layout(seqs, layout, paired):
+    """(hidden, targets, cu_seqlens or None, order) for a list of sequences (pairs interleaved in the list)."""
+    if layout == "packed":
+        h = torch.cat([s[0] for s in seqs])
+        t = torch.cat([s[1] for s in seqs])
+        cu = [0]
+        for s in seqs:
+            cu.append(cu[-1] + s[0].shape[0])
+        return h, t, torch.tensor(cu), None
+    # padded, TRL order: all chosen rows, then all rejected rows
+    order = [*range(0, len(seqs), 2), *range(1, len(seqs), 2)] if paired else list(range(len(seqs)))
+    T = max(s[0].shape[0] for s in seqs) + 1  # at least one padding column
+    h = torch.zeros(len(seqs), T, H, dtype=torch.float64)
+    t = torch.full((len(seqs), T), IGN)
+    for row, k in enumerate(order):
+        L = seqs[k][0].shape[0]
+        h[row, :L], t[row, :L] = seqs[k][0], seqs[k][1]
+    return h, t, None, order
+
+
+def _naive_seq_logps(h, w, t, cu, order, temperature):
+    """Per-sequence sums of target log-probs (list order) and token counts from the FULL logits (fp64 autograd)."""
+    logp = torch.log_softmax((h @ w.T) / temperature, -1)
+    tok = torch.where(t != IGN, logp.gather(-1, t.clamp(min=0)[..., None])[..., 0], 0.0)
+    if cu is None:
+        seq, lens = tok.sum(-1), (t != IGN).sum(-1)
+        inv = torch.argsort(torch.tensor(order))
+        return seq[inv], lens[inv]
+    seq = torch.stack([tok[a:b].sum() for a, b in zip(cu[:-1], cu[1:])])
+    lens = torch.stack([(t[a:b] != IGN).sum() for a, b in zip(cu[:-1], cu[1:])])
+    return seq, lens
+
+
+def _naive_ld_tail(h, w, t, cu, order, temperature, lens):
+    """Per-sequence sum of log-probs of scored tokens past min(|y_w|, |y_l|) of the pair (LD-DPO), full logits."""
+    logp = torch.log_softmax((h @ w.T) / temperature, -1)
+    tok = torch.where(t != IGN, logp.gather(-1, t.clamp(min=0)[..., None])[..., 0], 0.0)
+    shared = torch.minimum(lens[0::2], lens[1::2]).repeat_interleave(2)
+    rows = [tok[a:b] for a, b in zip(cu[:-1], cu[1:])] if cu is not None else None
+    trows = [t[a:b] for a, b in zip(cu[:-1], cu[1:])] if cu is not None else None
+    if cu is None:
+        inv = torch.argsort(torch.tensor(order))
+        rows, trows = [tok[i] for i in inv], [t[i] for i in inv]
+    out = []
+    for k, (r, tt) in enumerate(zip(rows, trows)):
+        rank = torch.cumsum((tt != IGN).long(), 0)
+        out.append((r * ((tt != IGN) & (rank > shared[k]))).sum())
+    return torch.stack(out)
+
+
+CASES = {
+    "dpo-sigmoid": (FusedLinearDPOLoss, dict(beta=0.2), "dpo"),
+    "dpo-ipo": (FusedLinearDPOLoss, dict(beta=0.3, loss_type="ipo"), "dpo"),
+    "dpo-rpo-rdpo": (FusedLinearDPOLoss, dict(beta=0.2, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.4],
+                                              rdpo_alpha=0.02), "dpo"),
+    "dpo-ldpo": (FusedLinearDPOLoss, dict(beta=0.2, ld_alpha=0.4), "dpo"),
+    "dpo-aot": (FusedLinearDPOLoss, dict(beta=0.2, loss_type="aot", label_smoothing=0.1), "dpo"),
+    "dpo-robust-bco": (FusedLinearDPOLoss, dict(beta=0.2, loss_type=["robust", "bco_pair"], label_smoothing=0.1),
+                       "dpo"),
+    "kto": (FusedLinearKTOLoss, dict(beta=0.2, desirable_weight=1.3, undesirable_weight=0.7), "kto"),
+    "cpo": (FusedLinearCPOLoss, dict(beta=0.2, cpo_alpha=0.5, label_smoothing=0.1), "cpo"),
+    "simpo": (FusedLinearSimPOLoss, dict(beta=2.0, simpo_gamma=1.0), "simpo"),
+    "orpo": (FusedLinearORPOLoss, dict(beta=0.3), "orpo"),
+}
+
+KTO_LABELS = torch.tensor([True, False, False, True, True, False])
+
+
+def _oracle(kind, opts, seq, lens, ref, tails, kl):
+    if kind == "dpo":
+        o = dict(opts)
+        kw = {}
+        if o.get("ld_alpha") is not None:
+            kw["tail_logps"] = (tails[0][0::2], tails[0][1::2], tails[1][0::2], tails[1][1::2])
+        return dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], chosen_lengths=lens[0::2],
+                        rejected_lengths=lens[1::2], **o, **kw)
+    if kind == "kto":
+        return kto_loss(seq, ref, KTO_LABELS, kl=kl, **opts)
+    if kind == "cpo":
+        return cpo_loss(seq[0::2], seq[1::2], lens[0::2], lens[1::2], **opts)
+    if kind == "simpo":
+        return cpo_loss(seq[0::2], seq[1::2], lens[0::2], lens[1::2], loss_type="simpo", cpo_alpha=0.0, **opts)
+    return orpo_loss(seq[0::2], seq[1::2], lens[0::2], lens[1::2], **opts)
+
+
+def _check_case(case, layout, dtype, impl="torch", chunk_size=12, temperature=0.7, ref_mode="hidden", seed=0):
+    cls, opts, kind = CASES[case]
+    paired = kind != "kto"
+    seqs = _sequences(6, seed)
+    gr = torch.Generator().manual_seed(seed + 50)
+    ref_seqs = [(h + 0.3 * torch.randn(h.shape, generator=gr, dtype=h.dtype), t) for h, t in _sequences(6, seed)]
+    h64, t, cu, order = _layout(seqs, layout, paired)
+    rh64, _, _, _ = _layout(ref_seqs, layout, paired)
+    g = torch.Generator().manual_seed(seed + 100)
+    w64 = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5 * 2
+    # the oracle sees exactly the values the fused loss sees (rounded to dtype)
+    h64, w64, rh64 = h64.to(dtype).double(), w64.to(dtype).double(), rh64.to(dtype).double()
+    kl = torch.tensor(0.05, dtype=torch.float64)
+
+    # oracle: full fp64 logits + plain loss
+    hl, wl = h64.clone().requires_grad_(), w64.clone().requires_grad_()
+    seq, lens = _naive_seq_logps(hl, wl, t, None if cu is None else cu.tolist(), order, temperature)
+    with torch.no_grad():
+        ref, _ = _naive_seq_logps(rh64, w64, t, None if cu is None else cu.tolist(), order, temperature)
+    tails = None
+    if opts.get("ld_alpha") is not None:
+        cul = None if cu is None else cu.tolist()
+        tails = (_naive_ld_tail(hl, wl, t, cul, order, temperature, lens),
+                 _naive_ld_tail(rh64, w64, t, cul, order, temperature, lens).detach())
+    loss_ref, m_ref = _oracle(kind, opts, seq, lens, ref if kind in ("dpo", "kto") else None, tails, kl)
+    loss_ref.backward()
+
+    # fused
+    h, w = h64.to(dtype).requires_grad_(), w64.to(dtype).requires_grad_()
+    fused = cls(**opts, temperature=temperature, impl=impl, chunk_size=chunk_size)
+    kw = {}
+    if kind in ("dpo", "kto"):
+        if ref_mode == "hidden":
+            kw["ref_hidden"] = rh64.to(dtype)
+        else:  # precomputed reference log-probs are LD-weighted already (as TRL precomputes them)
+            r = ref if tails is None else ref - (1 - opts["ld_alpha"]) * tails[1]
+            kw["ref_logps"] = (r[0::2].float(), r[1::2].float()) if paired else r.float()
+    if kind == "kto":
+        kw.update(labels=KTO_LABELS, kl=kl)
+    loss, m = fused(h, w, t, cu_seqlens=cu, **kw)
+    loss.backward()
+    return loss_ref, m_ref, hl.grad, wl.grad, loss, m, h.grad, w.grad
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_fused_matches_full_logits_fp32(case, layout):
+    loss_ref, m_ref, dh_ref, dw_ref, loss, m, dh, dw = _check_case(case, layout, torch.float32)
+    assert loss.dtype == torch.float32 and dh.dtype == torch.float32
+    assert_close_to_ref(f"{case}/{layout} loss", loss_ref.detach(), loss, dtype=torch.float32)
+    assert_close_to_ref(f"{case}/{layout} dhidden", dh_ref, dh, dtype=torch.float32)
+    assert_close_to_ref(f"{case}/{layout} dweight", dw_ref, dw, dtype=torch.float32)
+    for k, v in m_ref.items():
+        assert_close_to_ref(f"{case}/{layout} {k}", v.detach().reshape(1), m[k].reshape(1).double(),
+                            dtype=torch.float32)
+
+
+@pytest.mark.parametrize("case", ["dpo-sigmoid", "dpo-ldpo", "kto", "orpo"])
+def test_fused_bf16(case):
+    loss_ref, _, dh_ref, dw_ref, loss, _, dh, dw = _check_case(case, "packed", torch.bfloat16, ref_mode="logps")
+    assert dh.dtype == torch.bfloat16 and dw.dtype == torch.bfloat16
+    assert_close_to_ref(f"{case} loss", loss_ref.detach(), loss, dtype=torch.bfloat16)
+    assert_close_to_ref(f"{case} dhidden", dh_ref, dh, dtype=torch.bfloat16)
+    assert_close_to_ref(f"{case} dweight", dw_ref, dw, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 20, 10_000])
+def test_chunking_and_temperature_do_not_change_the_result(chunk_size):
+    a = _check_case("dpo-rpo-rdpo", "packed", torch.float32, chunk_size=chunk_size, temperature=1.3)
+    assert_close_to_ref("loss", a[0].detach(), a[4], dtype=torch.float32)
+    assert_close_to_ref("dhidden", a[2], a[6], dtype=torch.float32)
+    assert_close_to_ref("dweight", a[3], a[7], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("case", ["dpo-sigmoid", "kto"])
+def test_triton_path_under_interpreter(case):
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or the Triton interpreter")
+    ref = _check_case(case, "packed", torch.float32, impl="torch", chunk_size=24)
+    tri = _check_case(case, "packed", torch.float32, impl="triton", chunk_size=24)
+    for i, name in ((4, "loss"), (6, "dhidden"), (7, "dweight")):
+        assert_close_to_ref(f"{case} {name}", ref[i - 4].detach(), ref[i].detach(),
+                            tri[i].detach(), dtype=torch.float32)
+
+
+def test_padded_and_packed_agree_and_ref_modes_agree():
+    a = _check_case("dpo-ipo", "padded", torch.float32, ref_mode="hidden")
+    b = _check_case("dpo-ipo", "packed", torch.float32, ref_mode="logps")
+    torch.testing.assert_close(a[4], b[4], rtol=1e-5, atol=1e-6)
+    for k in a[5]:
+        torch.testing.assert_close(a[5][k], b[5][k], rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_for_ignored_and_padding_positions():
+    _, _, _, _, _, _, dh, _ = _check_case("dpo-sigmoid", "padded", torch.float32)
+    seqs = _sequences(6, 0)
+    _, t, _, _ = _layout(seqs, "padded", True)
+    assert torch.count_nonzero(dh[t == IGN]) == 0
+
+
+def test_fused_bad_inputs():
+    h = torch.randn(3, 5, H)
+    w = torch.randn(V, H)
+    t = torch.randint(0, V, (3, 5))
+    with pytest.raises(ValueError, match="even batch"):
+        FusedLinearDPOLoss()(h, w, t, ref_logps=(torch.zeros(1), torch.zeros(1)))
+    h, t = torch.randn(4, 5, H), torch.randint(0, V, (4, 5))
+    with pytest.raises(ValueError, match=r"batch size mismatch: ref_logps are \(3,\) and \(2,\) but the batch has 2"):
+        FusedLinearDPOLoss()(h, w, t, ref_logps=(torch.zeros(3), torch.zeros(2)))
+    with pytest.raises(ValueError, match="exactly one of ref_logps"):
+        FusedLinearDPOLoss()(h, w, t)
+    with pytest.raises(ValueError, match="unknown loss_type 'dpo'; valid values: 'sigmoid', 'hinge'"):
+        FusedLinearDPOLoss(loss_type="dpo")
+    with pytest.raises(ValueError, match="reference-free"):
+        FusedLinearSimPOLoss()(h, w, t, ref_hidden=h)
+    with pytest.raises(ValueError, match="even number of sequences"):
+        FusedLinearORPOLoss()(h.reshape(-1, H), w, t.reshape(-1), cu_seqlens=[0, 5, 12, 20])
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to N=20"):
+        FusedLinearORPOLoss()(h.reshape(-1, H), w, t.reshape(-1), cu_seqlens=[0, 5, 10, 19])
+    bad = t.clone()
+    bad[0, 1] = V + 3
+    with pytest.raises(ValueError, match=rf"targets must be in \[0, {V}\)"):
+        FusedLinearORPOLoss()(h, w, bad)
+    hn = h.clone()
+    hn[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite values in policy_"):
+        FusedLinearCPOLoss()(hn, w, t)
+    with pytest.raises(ValueError, match="unknown loss_type 'kto_pair'"):
+        FusedLinearKTOLoss(loss_type="kto_pair")
+    with pytest.raises(ValueError, match="batch size mismatch: labels"):
+        FusedLinearKTOLoss()(h, w, t, ref_logps=torch.zeros(4), labels=torch.ones(3, dtype=torch.bool))
