@@ -1,0 +1,354 @@
+"""Pieces shared by every on-line method: the algorithm base (rollout, scoring, timing, round state), per-token
+log-probs through the fused LM-head op, best/worst pairing, the replay buffer, judge-score parsing and the DPO
+update on generated pairs.
+
+An on-line algorithm is a :class:`fastpref.train.algorithms.base.Algorithm` whose ``micro_batches`` runs the
+rollout (generate with the KV cache), the scorer and whatever needs no gradient (old-policy and reference
+log-probs, advantages), then hands packed micro-batches to ``compute_loss``; the trainer does backward, clipping,
+the optimizer step, logging and checkpoints. ``state_dict`` carries the round state (round index, buffered
+rollout, replay buffer, refreshed reference weights, sampler RNG), saved by the trainer in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fastpref.losses.preference import DPO_LOSS_TYPES, dpo_loss
+from fastpref.ops import linear_logprobs, segment_sum
+from fastpref.rewards import get_reward_fn, score_rewards
+from fastpref.train.algorithms.base import Algorithm
+from fastpref.train.modeling import lm_head
+from fastpref.train.rollout import GenerationConfig, PackedBatch, Rollout, generate, pack, policy_hidden, timed
+
+
+@dataclass
+class OnlineConfig:
+    """Settings every on-line method shares (prompts per step = ``train.batch_size``)."""
+
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling settings of the rollout."""
+    reward: str = "arith"
+    """Reward function: a name of ``fastpref.rewards`` (``arith``, ``exact_match``, ``math_answer``),
+    ``format:<regex>``, ``length:<chars>``, or ``module:function`` of your own."""
+
+    def validate(self) -> None:
+        self.generation.validate()
+
+
+# --------------------------------------------------------------------------------------------- log-probs
+
+def token_logps(model, batch: PackedBatch, *, temperature: float = 1.0, entropy: bool = False, impl: str = "auto",
+                pad_id: int = 0, hidden: torch.Tensor | None = None):
+    """Per-token log-probs ``[N]`` (fp32, 0 off the completion) of ``batch.targets``, and the entropy ``[N]`` when
+    asked, from the trunk's hidden states and the LM head through ``fastpref.ops.linear_logprobs``: the
+    ``[tokens, vocab]`` logits never exist. Differentiable unless called under ``torch.no_grad``."""
+    h = policy_hidden(model, batch, pad_id) if hidden is None else hidden
+    w, b = lm_head(model)
+    return linear_logprobs(h, w, batch.targets, bias=b, temperature=temperature, return_entropy=entropy, impl=impl,
+                           check_targets=False)
+
+
+def sequence_logps(model, batch: PackedBatch, **kw) -> torch.Tensor:
+    """Summed completion log-probs per sequence ``[S]``."""
+    return segment_sum(token_logps(model, batch, **kw), batch.cu_seqlens)
+
+
+# --------------------------------------------------------------------------------------------- pairing
+
+def best_worst_pairs(scores: list[float | None], group_size: int) -> list[tuple[int, int]]:
+    """``(best, worst)`` completion indices for each group of ``group_size`` consecutive completions.
+
+    ``None`` scores (an unparseable judgement) are ignored. A group whose valid scores are all equal (or that
+    has fewer than two) yields no pair: it carries no preference. Ties go to the lowest index.
+    """
+    if group_size < 2 or len(scores) % group_size:
+        raise ValueError(f"best_worst_pairs: group_size must be >= 2 and divide {len(scores)}, got {group_size}")
+    pairs = []
+    for g in range(0, len(scores), group_size):
+        valid = [(s, i) for i, s in enumerate(scores[g:g + group_size], start=g) if s is not None]
+        if len(valid) < 2:
+            continue
+        best = max(valid, key=lambda x: (x[0], -x[1]))
+        worst = min(valid, key=lambda x: (x[0], x[1]))
+        if best[0] > worst[0]:
+            pairs.append((best[1], worst[1]))
+    return pairs
+
+
+@dataclass
+class Pair:
+    """One preference pair in token ids (the prompt is shared)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def rollout_pairs(ro: Rollout, scores: list[float | None]) -> list[Pair]:
+    """Best-vs-worst ``Pair`` of each group of ``ro`` (see ``best_worst_pairs``)."""
+    return [Pair(ro.prompt_ids[b], ro.completion_ids[b], ro.completion_ids[w])
+            for b, w in best_worst_pairs(scores, ro.group_size)]
+
+
+def pack_pairs(pairs: list[Pair], device=None) -> PackedBatch:
+    """Pack pairs INTERLEAVED (sequence ``2i`` chosen, ``2i+1`` rejected of pair ``i``), as ``fastpref.ops``."""
+    if not pairs:
+        raise ValueError("pack_pairs: no pairs")
+    prompts, comps = [], []
+    for p in pairs:
+        prompts += [p.prompt_ids, p.prompt_ids]
+        comps += [p.chosen_ids, p.rejected_ids]
+    return pack(prompts, comps, device)
+
+
+class ReplayBuffer:
+    """FIFO buffer of past items (pairs) with seeded sampling, for replay mixing (DICE).
+
+    ``mix(fresh, ratio)`` returns ``fresh`` plus ``n = round(len(fresh) * ratio / (1 - ratio))`` replayed items
+    (fewer when the buffer holds fewer), so replayed items make up a fraction ``ratio`` of the result.
+    """
+
+    def __init__(self, capacity: int = 10_000, seed: int = 0):
+        if capacity < 1:
+            raise ValueError(f"ReplayBuffer: capacity must be >= 1, got {capacity}")
+        self.capacity, self.items, self.rng = capacity, [], random.Random(seed)
+
+    def add(self, items: list) -> None:
+        self.items.extend(items)
+        del self.items[:max(0, len(self.items) - self.capacity)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def mix(self, fresh: list, ratio: float) -> list:
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"ReplayBuffer.mix: ratio must be in [0, 1), got {ratio}")
+        n = min(len(self.items), round(len(fresh) * ratio / (1.0 - ratio)))
+        return list(fresh) + (self.rng.sample(self.items, n) if n else [])
+
+    def state_dict(self) -> dict:
+        return {"items": list(self.items), "rng": self.rng.getstate(), "capacity": self.capacity}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.items, self.capacity = list(sd["items"]), sd["capacity"]
+        self.rng.setstate(sd["rng"])
+
+
+# --------------------------------------------------------------------------------------------- judge
+
+_SCORE_LINE = re.compile(r"score\s*(?:is|[:=])?\s*(-?\d+(?:\.\d+)?)(?:\s*/\s*(\d+(?:\.\d+)?))?", re.IGNORECASE)
+_ANY_NUM = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def parse_judge_score(text: str, max_score: float = 5.0) -> float | None:
+    """The score in an LLM judge's answer, or None when there is none in ``[0, max_score]``.
+
+    Takes the last ``Score: x`` (also ``score = x``, ``score is x``, ``Score: x/5``, any case); without one, the
+    last number of the text. A fraction ``x/d`` with ``d != max_score`` is rescaled to ``max_score``.
+    """
+    hits = _SCORE_LINE.findall(text)
+    if hits:
+        num, den = hits[-1]
+        val = float(num)
+        if den and float(den) > 0 and float(den) != max_score:
+            val = val / float(den) * max_score
+    else:
+        nums = _ANY_NUM.findall(text)
+        if not nums:
+            return None
+        val = float(nums[-1])
+    return val if math.isfinite(val) and 0.0 <= val <= max_score else None
+
+
+# --------------------------------------------------------------------------------------------- the base
+
+def metrics_float(metrics: dict) -> dict[str, float]:
+    """Tensors to floats (one host sync per step, off the training hot path)."""
+    return {k: float(v) for k, v in metrics.items()}
+
+
+class OnlineAlgorithm(Algorithm):
+    """Base of the on-line methods: rollout, scoring, per-stage timing, the reference, round state.
+
+    Timings go to ``step_metrics`` as ``time/<stage>`` (seconds); ``time/train`` is the time from the end of
+    ``micro_batches`` to ``on_step_end`` (forward, backward, optimizer step), and ``time_share/<stage>`` and
+    ``train_tokens_per_s`` are derived from them.
+    """
+
+    data_kind = "prompt"
+
+    def __init__(self, cfg, rt):
+        super().__init__(cfg, rt)
+        self.sec.validate()
+        self.round = 0
+        self.rng = random.Random(cfg.train.seed)
+        tok = rt.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.reward_fn = get_reward_fn(self.sec.reward) if getattr(self.sec, "reward", None) else None
+        self._timings: dict[str, float] = {}
+        self._train_tokens = 0
+        self._t_train = None
+
+    @property
+    def sec(self):
+        return self.section
+
+    @property
+    def device(self):
+        return self.rt.device
+
+    def ref_module(self):
+        """The frozen reference network (``reference.mode=copy``), for per-token reference log-probs."""
+        ref = self.rt.reference
+        mod = getattr(ref, "model", None) if ref is not None else None
+        if mod is None:
+            raise ValueError(f"{self.name}: needs a reference model copy (reference.mode=copy or auto)")
+        return mod
+
+    # ---- stages
+    def rollout(self, examples: list[dict], *, model=None, num_generations: int | None = None) -> Rollout:
+        """Generate for the examples' ``prompt_ids`` (timed as ``generate``)."""
+        model = model if model is not None else self.rt.model
+        prompts = [ex["row"]["prompt"] if isinstance(ex.get("row", {}).get("prompt"), str) else None
+                   for ex in examples]
+        ro = generate(model, self.rt.tokenizer, [ex["prompt_ids"] for ex in examples], self.sec.generation,
+                      prompts=None if None in prompts else prompts, num_generations=num_generations)
+        self._add_timings(ro.timings)
+        return ro
+
+    def score(self, ro: Rollout, examples: list[dict]) -> torch.Tensor:
+        """Rewards ``[len(ro)]`` of the reward function (timed as ``score``); extra row fields are columns."""
+        if self.reward_fn is None:
+            raise ValueError(f"{self.name}: no reward function configured ({self.name}.reward)")
+        G = ro.group_size
+        rows = [ex.get("row", {}) for ex in examples]
+        keys = sorted({k for r in rows for k in r if k != "prompt"})
+        cols = {k: [r.get(k) for r in rows for _ in range(G)] for k in keys}
+        with timed(self._timings, "score"):
+            return score_rewards(self.reward_fn, ro.prompts, ro.completions, cols, group_size=G)
+
+    def _add_timings(self, t: dict) -> None:
+        for k, v in t.items():
+            self._timings[k] = self._timings.get(k, 0.0) + v
+
+    def begin_train_phase(self, train_tokens: int) -> None:
+        """Call at the end of ``micro_batches``: starts the ``train`` timer."""
+        self._train_tokens = train_tokens
+        self._t_train = time.perf_counter()
+
+    def on_step_end(self, step: int) -> None:
+        t = self._timings
+        if self._t_train is not None:
+            t["train"] = time.perf_counter() - self._t_train
+        total = sum(t.values()) or 1.0
+        m = {f"time/{k}": v for k, v in t.items()}
+        m.update({f"time_share/{k}": v / total for k, v in t.items()})
+        if t.get("train"):
+            m["train_tokens_per_s"] = self._train_tokens / t["train"]
+        self.step_metrics.update(m)
+        self._timings, self._t_train = {}, None
+
+    # ---- state
+    def state_dict(self) -> dict:
+        return {"round": self.round, "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round = state["round"]
+        self.rng.setstate(state["rng"])
+
+
+# --------------------------------------------------------------------------------------------- DPO on pairs
+
+@dataclass
+class PairDPOConfig(OnlineConfig):
+    """Settings of the methods that train DPO on generated pairs."""
+
+    loss_type: str = "sigmoid"
+    """Any DPO loss type of ``fastpref.losses.preference.dpo_loss`` (sigmoid, ipo, hinge, ...)."""
+    beta: float = 0.1
+    """DPO beta."""
+    steps_per_iteration: int = 10
+    """Optimizer steps per iteration; after each iteration the reference becomes the current policy."""
+    length_alpha: float = 0.0
+    """Length regularisation: R-DPO's ``alpha`` (``dpo_loss(rdpo_alpha=...)``), as in iterative
+    length-regularised DPO (Liu et al. 2024); 0: off."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not (isinstance(self.steps_per_iteration, int) and self.steps_per_iteration >= 1):
+            raise ValueError(f"steps_per_iteration must be an int >= 1, got {self.steps_per_iteration!r}")
+
+
+class PairDPOAlgorithm(OnlineAlgorithm):
+    """Base of online DPO, Self-Rewarding, SPIN, DICE and APO: make pairs from generations, train DPO on them
+    against a reference that is refreshed to the current policy every ``steps_per_iteration`` steps.
+
+    Subclasses implement ``make_pairs(examples) -> list[Pair]``. A step with no pair (every group tied) trains
+    nothing: ``compute_loss`` returns a zero loss and ``pairs/count = 0`` is logged.
+    """
+
+    needs_reference = True
+
+    def make_pairs(self, examples: list[dict]) -> list[Pair]:
+        raise NotImplementedError
+
+    def micro_batches(self, examples: list[dict], step: int) -> list[dict]:
+        pairs = self.make_pairs(examples)
+        self.step_metrics["pairs/count"] = float(len(pairs))
+        if not pairs:
+            self.begin_train_phase(0)
+            return [{"empty": True}]
+        n = max(1, min(self.cfg.train.grad_accum, len(pairs)))
+        size = -(-len(pairs) // n)
+        out = []
+        with timed(self._timings, "ref_logps"):
+            for i in range(0, len(pairs), size):
+                batch = pack_pairs(pairs[i:i + size], self.device)
+                with torch.no_grad():
+                    ref = sequence_logps(self.ref_module(), batch, pad_id=self.pad_id)
+                out.append({"packed": batch, "ref": ref})
+        self.begin_train_phase(sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))
+        return out
+
+    def compute_loss(self, batch: dict):
+        if batch.get("empty"):
+            zero = sum(p.sum() * 0.0 for p in self.rt.model.parameters() if p.requires_grad)
+            return zero, {}
+        sec, packed = self.sec, batch["packed"]
+        pi = sequence_logps(self.rt.model, packed, pad_id=self.pad_id)
+        ref = batch["ref"]
+        lens = packed.completion_lengths.float()
+        loss, m = dpo_loss(pi[0::2], pi[1::2], ref[0::2], ref[1::2], beta=sec.beta, loss_type=sec.loss_type,
+                           chosen_lengths=lens[0::2], rejected_lengths=lens[1::2], rdpo_alpha=sec.length_alpha,
+                           validate=False)
+        return loss, m
+
+    def on_step_end(self, step: int) -> None:
+        super().on_step_end(step)
+        if step % self.sec.steps_per_iteration == 0:
+            self.end_iteration()
+        self.step_metrics["round"] = float(self.round)
+
+    def end_iteration(self) -> None:
+        """Reference <- current policy; next round."""
+        self.rt.reference.refresh(self.rt.model)
+        self.round += 1
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["reference"] = {k: v.detach().clone() for k, v in self.ref_module().state_dict().items()}
+        return sd
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.ref_module().load_state_dict(state["reference"])
