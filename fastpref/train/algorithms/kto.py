@@ -1,0 +1,58 @@
+"""KTO (Ethayarajh et al. 2024): unpaired desirable / undesirable examples against a reference point.
+
+The reference point ``z0`` is TRL's: the detached, clamped mean of ``log pi - log pi_ref`` over *mismatched*
+pairs (prompt ``i`` with the completion of example ``i+1``), computed here under ``no_grad`` from the same
+hidden-state path. The loss is :class:`fastpref.losses.fused_preference.FusedLinearKTOLoss`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastpref.data.collate import collate_single
+from fastpref.train.algorithms.base import Algorithm, register_algorithm
+from fastpref.train.modeling import decoder_hidden, lm_head, sequence_logps
+
+
+@register_algorithm("kto")
+class KTO(Algorithm):
+    data_kind = "kto"
+    needs_reference = True
+
+    def __init__(self, cfg, rt):
+        super().__init__(cfg, rt)
+        from fastpref.losses.fused_preference import FusedLinearKTOLoss
+
+        lc = cfg.loss
+        self.loss_fn = FusedLinearKTOLoss(beta=lc.beta, loss_type=lc.type if lc.type != "sigmoid" else "kto",
+                                          desirable_weight=lc.desirable_weight,
+                                          undesirable_weight=lc.undesirable_weight)
+
+    def collate(self, examples):
+        pad = self.rt.tokenizer.pad_token_id
+        batch = collate_single(examples, pad, device=self.rt.device)
+        if len(examples) > 1:  # mismatched pairs for z0: prompt i with completion i+1
+            shifted = [{"prompt_ids": e["prompt_ids"], "completion_ids": examples[(i + 1) % len(examples)]
+                        ["completion_ids"]} for i, e in enumerate(examples)]
+            batch["kl"] = collate_single(shifted, pad, device=self.rt.device)
+        return batch
+
+    def _z0(self, batch) -> torch.Tensor | None:
+        if "kl" not in batch:
+            return None
+        kl_batch = batch["kl"]
+        with torch.no_grad():
+            pol = sequence_logps(self.rt.model, kl_batch)[0]
+            ref = self.rt.reference.compute(kl_batch)
+        return (pol - ref).mean().clamp(min=0)
+
+    def compute_loss(self, batch):
+        ref = self.rt.reference.sequence_logps(batch)
+        z0 = self._z0(batch)
+        hidden = decoder_hidden(self.rt.model, batch)
+        w, b = lm_head(self.rt.model)
+        loss, metrics = self.loss_fn(hidden, w, batch["targets"], bias=b, ref_logps=ref, labels=batch["labels"],
+                                     kl=z0)
+        if z0 is not None:
+            metrics["kl"] = z0.detach()
+        return loss, metrics

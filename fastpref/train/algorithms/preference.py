@@ -1,0 +1,83 @@
+"""The paired preference algorithms: DPO (every TRL loss type), ORPO, SimPO and CPO.
+
+Each builds a padded batch in TRL's order (chosen rows, then rejected rows), runs the policy's decoder for the
+last hidden states, and calls the fused loss of ``fastpref.losses.fused_preference`` with the LM head weight, so
+the ``[rows, T, V]`` logits never exist. DPO takes reference log-probs from ``self.rt.reference`` (copy, LoRA
+base or precomputed cache; always no-grad); ORPO, SimPO and CPO are reference-free.
+"""
+
+from __future__ import annotations
+
+from fastpref.data.collate import collate_preference
+from fastpref.train.algorithms.base import Algorithm, register_algorithm
+from fastpref.train.modeling import decoder_hidden, lm_head
+
+
+class _Paired(Algorithm):
+    data_kind = "preference"
+
+    def __init__(self, cfg, rt):
+        super().__init__(cfg, rt)
+        self.loss_fn = self.make_loss()
+
+    def make_loss(self):
+        raise NotImplementedError
+
+    def collate(self, examples):
+        return collate_preference(examples, self.rt.tokenizer.pad_token_id, device=self.rt.device)
+
+    def compute_loss(self, batch):
+        kw = {}
+        if self.needs_reference:
+            ref = self.rt.reference.sequence_logps(batch)
+            p = ref.shape[0] // 2
+            kw["ref_logps"] = (ref[:p], ref[p:])
+        hidden = decoder_hidden(self.rt.model, batch)
+        w, b = lm_head(self.rt.model)
+        return self.loss_fn(hidden, w, batch["targets"], bias=b, **kw)
+
+
+@register_algorithm("dpo")
+class DPO(_Paired):
+    """DPO (Rafailov et al. 2023) and TRL's loss types (``loss.type``: sigmoid, hinge, ipo, robust, ...)."""
+
+    needs_reference = True
+
+    def make_loss(self):
+        from fastpref.losses.fused_preference import FusedLinearDPOLoss
+
+        lc = self.cfg.loss
+        return FusedLinearDPOLoss(beta=lc.beta, loss_type=lc.type, label_smoothing=lc.label_smoothing)
+
+
+@register_algorithm("orpo")
+class ORPO(_Paired):
+    """ORPO (Hong et al. 2024): NLL on the chosen + ``loss.beta`` x log-odds-ratio penalty; reference-free."""
+
+    def make_loss(self):
+        from fastpref.losses.fused_preference import FusedLinearORPOLoss
+
+        return FusedLinearORPOLoss(beta=self.cfg.loss.beta)
+
+
+@register_algorithm("simpo")
+class SimPO(_Paired):
+    """SimPO (Meng et al. 2024): length-normalised implicit reward with margin ``loss.simpo_gamma``."""
+
+    def make_loss(self):
+        from fastpref.losses.fused_preference import FusedLinearSimPOLoss
+
+        lc = self.cfg.loss
+        return FusedLinearSimPOLoss(beta=lc.beta, simpo_gamma=lc.simpo_gamma, label_smoothing=lc.label_smoothing)
+
+
+@register_algorithm("cpo")
+class CPO(_Paired):
+    """CPO (Xu et al. 2024): reference-free preference loss (``loss.type``) + ``loss.cpo_alpha`` x NLL."""
+
+    def make_loss(self):
+        from fastpref.losses.fused_preference import FusedLinearCPOLoss
+
+        lc = self.cfg.loss
+        return FusedLinearCPOLoss(beta=lc.beta, loss_type=lc.type, label_smoothing=lc.label_smoothing,
+                                  cpo_alpha=lc.cpo_alpha, simpo_gamma=lc.simpo_gamma)

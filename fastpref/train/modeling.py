@@ -1,0 +1,143 @@
+"""Models for the trainer: the tiny Llama, Hugging Face / GGUF checkpoints, LoRA, and log-probs from hidden states.
+
+The trainer never asks a causal LM for logits: :func:`decoder_hidden` runs the decoder stack
+(``model.get_decoder()``) for the last hidden states, and the losses take the LM head weight
+(``model.get_output_embeddings().weight``) and fuse the projection with the loss.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastpref.train.config import Config, ConfigError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (or ``model`` itself); LoRA layers stay active."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Last hidden states ``[B, T, H]`` of the decoder stack, without the LM head."""
+    dec = base_model(model).get_decoder()
+    out = dec(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [V, H], bias [V] or None)`` of the output embedding."""
+    head = base_model(model).get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed log-prob of the scored tokens [B] fp32, scored token count [B])`` of each row of ``batch``,
+    via ``fastpref.ops.linear_logprobs`` on the last hidden states (no ``[B, T, V]`` logits)."""
+    from fastpref.ops import linear_logprobs
+
+    hidden = decoder_hidden(model, batch)
+    w, b = lm_head(model)
+    tok = linear_logprobs(hidden, w, batch["targets"], bias=b, check_targets=False)
+    return tok.sum(-1), (batch["targets"] != -100).sum(-1)
+
+
+def build_tokenizer(cfg: Config):
+    """The tokenizer of ``cfg.model``: the built-in character tokenizer for ``tiny``, else the checkpoint's."""
+    m = cfg.model
+    if m.name_or_path == "tiny":
+        from fastpref.data.tokenizer import CharTokenizer
+
+        return CharTokenizer()
+    from fastpref.data.tokenizer import CharTokenizer
+
+    if os.path.isdir(m.name_or_path) and CharTokenizer.is_saved_in(m.name_or_path):
+        return CharTokenizer.from_pretrained(m.name_or_path)
+    from transformers import AutoTokenizer
+
+    path, kw = _source(m)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path={m.name_or_path!r}: cannot load a tokenizer ({e})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _source(m) -> tuple[str, dict]:
+    if m.gguf_file is None:
+        if not os.path.exists(m.name_or_path):
+            raise ConfigError(f"model.name_or_path={m.name_or_path!r}: no such directory (only local models are "
+                              "loaded; use 'tiny' for the built-in tiny Llama)")
+        return m.name_or_path, {}
+    gguf = m.gguf_file
+    if os.path.isabs(gguf) or os.path.exists(gguf):
+        if not os.path.exists(gguf):
+            raise ConfigError(f"model.gguf_file={gguf!r}: no such file")
+        return os.path.dirname(os.path.abspath(gguf)), {"gguf_file": os.path.basename(gguf)}
+    if not os.path.exists(os.path.join(m.name_or_path, gguf)):
+        raise ConfigError(f"model.gguf_file={gguf!r}: not found in model.name_or_path={m.name_or_path!r}")
+    return m.name_or_path, {"gguf_file": gguf}
+
+
+def build_model(cfg: Config, tokenizer, kind: str = "causal_lm") -> torch.nn.Module:
+    """The policy (or reward model for ``kind="sequence_classification"``) on the CPU, in ``model.dtype``,
+    with LoRA adapters and gradient checkpointing as configured. Seeded by ``train.seed`` (tiny init)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
+
+    m = cfg.model
+    dtype = _DTYPES[m.dtype]
+    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    extra = {"num_labels": 1} if kind == "sequence_classification" else {}
+    if m.name_or_path == "tiny":
+        t = m.tiny
+        mc = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=t.hidden_size,
+                         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                         num_key_value_heads=t.num_key_value_heads, intermediate_size=t.intermediate_size,
+                         max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=None, **extra)
+        torch.manual_seed(cfg.train.seed)
+        model = auto.from_config(mc, dtype=dtype)
+    else:
+        path, kw = _source(m)
+        try:
+            model = auto.from_pretrained(path, dtype=dtype, **kw, **extra)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.name_or_path={m.name_or_path!r}: cannot load the model ({e})") from None
+        if kind == "sequence_classification" and model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if m.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lc = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+                        target_modules=list(m.lora.target_modules),
+                        task_type="CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS")
+        model = get_peft_model(model, lc)
+    return model
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint must hold to restore the trained weights: the adapters with LoRA, else everything."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`trainable_state`."""
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+    else:
+        model.load_state_dict(state)

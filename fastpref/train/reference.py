@@ -1,0 +1,120 @@
+"""Reference log-probs for the DPO family and KTO: a frozen copy, the LoRA base, a precomputed cache, or none.
+
+All modes return per-sequence summed log-probs of the scored tokens, computed from the last hidden states with
+``fastpref.ops.linear_logprobs`` under ``torch.no_grad()``; the reference never gets gradients.
+
+* ``copy``: ``copy.deepcopy`` of the policy at the moment the reference is taken (after the SFT warm-up),
+  ``requires_grad=False``, eval mode. Saved in checkpoints when it differs from the initial model.
+* ``lora_base``: the policy itself inside ``model.disable_adapter()``: no second copy.
+* ``precompute``: one pass over every train and held-out example when the reference is taken; the result
+  (``[examples, sequences per example]`` fp32) is cached in ``reference.cache_dir`` under a hash of the model
+  config and source, the tokenised data and the config keys that change it; later runs (and resumes) load it.
+* ``none``: reference-free losses (ORPO, SimPO, CPO); asking it for log-probs is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Callable
+
+import torch
+
+from fastpref.train.modeling import sequence_logps
+
+
+class Reference:
+    """Reference log-probs in one of the modes above; ``sequence_logps(batch)`` -> ``[rows]`` fp32."""
+
+    def __init__(self, mode: str, policy: torch.nn.Module):
+        self.mode = mode
+        self.policy = policy
+        self.model: torch.nn.Module | None = None
+        self.cache: torch.Tensor | None = None
+
+    def take(self) -> None:
+        """Freeze the reference from the current policy (``copy``); other modes need nothing here."""
+        if self.mode == "copy":
+            self.model = copy.deepcopy(self.policy).eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+
+    def refresh(self, model: torch.nn.Module) -> None:
+        """Copy ``model``'s weights into a ``copy`` reference (iterative / on-line methods)."""
+        if self.mode != "copy" or self.model is None:
+            raise ValueError(f"Reference.refresh: only a taken 'copy' reference can be refreshed (mode={self.mode})")
+        self.model.load_state_dict(model.state_dict())
+
+    @torch.no_grad()
+    def compute(self, batch: dict) -> torch.Tensor:
+        """Log-probs of ``batch`` from the reference model itself (no cache)."""
+        if self.mode == "copy":
+            if self.model is None:
+                raise RuntimeError("Reference: the copy has not been taken yet")
+            return sequence_logps(self.model, batch)[0]
+        if self.mode in ("lora_base", "precompute"):
+            was_training = self.policy.training
+            self.policy.eval()
+            try:
+                if self.mode == "lora_base":
+                    with self.policy.disable_adapter():
+                        return sequence_logps(self.policy, batch)[0]
+                return sequence_logps(self.policy, batch)[0]
+            finally:
+                self.policy.train(was_training)
+        raise ValueError("reference.mode=none: this algorithm needs reference log-probs; set reference.mode to copy, "
+                         "lora_base or precompute")
+
+    def sequence_logps(self, batch: dict) -> torch.Tensor:
+        """Reference log-probs of every row of ``batch`` (``[rows]`` fp32, no grad). With ``precompute`` the rows
+        are looked up by ``batch["uid"]``: rows ``[0, P)`` are sequence slot 0 of the examples, ``[P, 2P)`` slot 1."""
+        if self.mode != "precompute":
+            return self.compute(batch)
+        if self.cache is None:
+            raise RuntimeError("Reference: precompute cache not built")
+        uid = batch["uid"].to(self.cache.device)
+        slots = batch["input_ids"].shape[0] // uid.numel()
+        return torch.cat([self.cache[uid, s] for s in range(slots)]).to(batch["input_ids"].device)
+
+    def precompute(self, examples: list[dict], collate: Callable[[list[dict]], dict], batch_size: int,
+                   cache_dir: str, key: str, log: Callable[[str], None] = print) -> None:
+        """Fill the cache for ``examples`` (each with ``uid`` = its index) from ``cache_dir/key.pt`` or by one
+        no-grad pass of the current policy."""
+        path = os.path.join(cache_dir, f"ref_logps-{key}.pt")
+        if os.path.exists(path):
+            self.cache = torch.load(path)
+            log(f"reference log-probs: loaded {self.cache.shape[0]} examples from {path}")
+            return
+        rows = []
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            lp = self.compute(collate(chunk)).float().cpu()
+            rows.append(lp.view(-1, len(chunk)).t())
+        self.cache = torch.cat(rows)
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(self.cache, tmp)
+        os.replace(tmp, path)
+        log(f"reference log-probs: computed {self.cache.shape[0]} examples, cached in {path}")
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict()} if self.mode == "copy" and self.model is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.mode == "copy" and "model" in state:
+            if self.model is None:
+                self.take()
+            self.model.load_state_dict(state["model"])
+
+
+def cache_key(cfg_parts: dict, examples: list[dict]) -> str:
+    """Hash of the config parts that change reference log-probs and of the tokenised examples."""
+    h = hashlib.sha256(json.dumps(cfg_parts, sort_keys=True, default=str).encode())
+    for e in examples:
+        for k in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids"):
+            if k in e:
+                h.update(k.encode())
+                h.update(bytes(str(e[k]), "ascii"))
+    return h.hexdigest()[:16]

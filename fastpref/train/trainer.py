@@ -1,0 +1,484 @@
+"""The training loop of ``fastpref train``: data, model, reference, optimizer, evaluation, logging, checkpoints.
+
+One optimizer step::
+
+    examples = the step's global batch (train.batch_size * train.grad_accum rows; the order is a function of
+               train.seed and the step number only, so a resumed run sees the same batches)
+    for micro-batch in algorithm.micro_batches(examples, step):
+        loss, metrics = algorithm.compute_loss(micro-batch); (loss / n_micro).backward()
+    clip, AdamW step, schedule step, algorithm.on_step_end(step)
+
+With ``train.sft_warmup_steps = W > 0`` steps ``1..W`` run SFT on the chosen responses (constant
+``train.sft_warmup_lr``), then the reference is taken from the warmed-up policy and the main algorithm runs with
+its own warm-up + cosine/linear schedule. Checkpoints (``checkpoints/step-N``) are written to a temporary
+directory and renamed into place, and hold the trainable weights, optimizer, scheduler, RNG states, the step
+(= data position), the algorithm's state and a copied reference; ``resume=auto`` restarts from the newest one and
+truncates ``metrics.jsonl`` to it, so the continued run ends with the same weights and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fastpref.data.dataset import DataError, LoadReport, Tokenization, load_examples, split_examples
+from fastpref.train.algorithms.base import ALGORITHMS, Algorithm, Runtime, load_builtin_algorithms
+from fastpref.train.config import Config, ConfigError, dump_config
+from fastpref.train.modeling import build_model, build_tokenizer, load_trainable_state, trainable_state
+from fastpref.train.reference import Reference, cache_key
+
+log = logging.getLogger("fastpref.train")
+
+_CKPT = "checkpoints"
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns: the last logged train metrics, the last eval metrics, and timings."""
+
+    step: int
+    train: dict
+    eval: dict
+    seconds: float
+    output_dir: str
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _device(cfg: Config) -> torch.device:
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    st = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    import numpy as np
+
+    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _lr_lambda(cfg: Config, total_steps: int):
+    o, t = cfg.optim, cfg.train
+    warm = t.sft_warmup_steps
+    warm_scale = (t.sft_warmup_lr if t.sft_warmup_lr is not None else o.lr) / o.lr
+
+    def fn(done: int) -> float:  # ``done`` optimizer steps taken so far
+        if done < warm:
+            return warm_scale
+        s, total = done - warm, max(1, total_steps - warm)
+        if o.warmup_steps and s < o.warmup_steps:
+            return (s + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (s - o.warmup_steps) / max(1, total - o.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if o.schedule == "cosine" else 1.0 - frac
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+    return fn
+
+
+
+def _tokens(examples: list[dict]) -> int:
+    n = 0
+    for e in examples:
+        resp = [len(v) for k, v in e.items() if k.endswith("_ids") and k != "prompt_ids"]
+        n += sum(resp) + len(e.get("prompt_ids", ())) * max(1, len(resp))
+    return n
+
+
+def _mean_metrics(items: list[tuple[int, dict]]) -> dict[str, float]:
+    """Weighted means (weights = examples per micro-batch) of metric dicts of tensors or floats."""
+    tot: dict[str, float] = {}
+    wsum: dict[str, float] = {}
+    for w, m in items:
+        for k, v in m.items():
+            v = float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
+            if math.isnan(v):
+                continue
+            tot[k] = tot.get(k, 0.0) + w * v
+            wsum[k] = wsum.get(k, 0.0) + w
+    return {k: tot[k] / wsum[k] for k in tot}
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+
+class Trainer:
+    """One training run for a resolved :class:`Config`. ``run()`` trains and returns a :class:`RunResult`."""
+
+    def __init__(self, cfg: Config, *, quiet: bool = False, stop_after: int | None = None):
+        self.cfg = cfg
+        self.quiet = quiet
+        self.stop_after = stop_after  # tests: stop (as if killed) after this step
+        self.out = cfg.output_dir
+
+    # ---- printing
+    def say(self, msg: str) -> None:
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    # ---- set-up
+    def _load_data(self, algo_cls: type[Algorithm], tokenizer) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        tok = Tokenization(tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                           truncation=d.truncation, chat_template=d.chat_template)
+        kind = algo_cls.data_kind
+        report = LoadReport()
+        common = dict(fmt=d.format, on_bad_row=d.on_bad_row, report=report)
+        if d.train_files:
+            train = load_examples(d.train_files, kind, tok, **common)
+        else:
+            from fastpref.data.synthetic import make_pattern_rows
+
+            train = load_examples([], kind, tok, rows_override=make_pattern_rows(d.synthetic_rows, kind,
+                                                                                 seed=cfg.train.seed), **common)
+        if d.eval_files:
+            held = load_examples(d.eval_files, kind, tok, **common)
+        else:
+            train, held = split_examples(train, d.eval_fraction, cfg.train.seed)
+        if report.skipped:
+            self.say(f"data: skipped {report.skipped} of {report.rows} rows (data.on_bad_row=skip); first: "
+                     f"{report.reasons[0]}")
+        if not train:
+            raise DataError("no usable training rows" + (f" ({report.skipped} skipped)" if report.skipped else ""))
+        for i, e in enumerate(train + held):
+            e["uid"] = i
+        self.train_ex, self.eval_ex, self.report = train, held, report
+
+    def _reference_mode(self, algo_cls) -> str:
+        mode = self.cfg.reference.mode
+        if mode != "auto":
+            if algo_cls.needs_reference and mode == "none":
+                raise ConfigError(f"algorithm={self.cfg.algorithm} needs a reference: reference.mode=none is not "
+                                  "possible (use copy, lora_base or precompute)")
+            return mode
+        if not algo_cls.needs_reference:
+            return "none"
+        return "lora_base" if self.cfg.model.lora.enabled else "copy"
+
+    def _global_batch(self, step: int) -> list[dict]:
+        n = len(self.train_ex)
+        gbs = self.cfg.train.batch_size * self.cfg.train.grad_accum
+        spe = max(1, n // gbs)
+        epoch, j = divmod(step - 1, spe)
+        perm = list(range(n))
+        random.Random(self.cfg.train.seed * 100003 + epoch).shuffle(perm)
+        return [self.train_ex[i] for i in perm[j * gbs:(j + 1) * gbs]]
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        if t.max_steps:
+            return t.max_steps
+        gbs = t.batch_size * t.grad_accum
+        return t.sft_warmup_steps + t.epochs * max(1, len(self.train_ex) // gbs)
+
+    # ---- checkpoints
+    def _ckpt_dirs(self) -> list[tuple[int, str]]:
+        root = os.path.join(self.out, _CKPT)
+        if not os.path.isdir(root):
+            return []
+        out = []
+        for name in os.listdir(root):
+            if name.startswith("step-") and name[5:].isdigit() and os.path.exists(
+                    os.path.join(root, name, "trainer_state.json")):
+                out.append((int(name[5:]), os.path.join(root, name)))
+        return sorted(out)
+
+    def _save(self, step: int) -> None:
+        root = os.path.join(self.out, _CKPT)
+        os.makedirs(root, exist_ok=True)
+        final = os.path.join(root, f"step-{step}")
+        tmp = os.path.join(root, f".tmp-step-{step}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        torch.save(trainable_state(self.model), os.path.join(tmp, "model.pt"))
+        torch.save(self.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(self.sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
+        torch.save({"main": self.algo.state_dict(), "reference": self.reference.state_dict()},
+                   os.path.join(tmp, "algorithm.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
+            json.dump({"step": step, "data_position": step * self.cfg.train.batch_size * self.cfg.train.grad_accum,
+                       "reference_taken": self.ref_taken, "algorithm": self.cfg.algorithm}, fh)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        keep = self.cfg.train.keep_checkpoints
+        if keep:
+            for _, old in self._ckpt_dirs()[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _resume_from(self) -> str | None:
+        r = self.cfg.resume
+        if r == "none":
+            return None
+        if r == "auto":
+            dirs = self._ckpt_dirs()
+            return dirs[-1][1] if dirs else None
+        if not os.path.exists(os.path.join(r, "trainer_state.json")):
+            raise ConfigError(f"resume={r!r}: not a checkpoint directory (no trainer_state.json)")
+        return r
+
+    def _load(self, path: str) -> int:
+        with open(os.path.join(path, "trainer_state.json")) as fh:
+            st = json.load(fh)
+        if st.get("algorithm") != self.cfg.algorithm:
+            raise ConfigError(f"resume: checkpoint {path} is from algorithm={st.get('algorithm')}, this run is "
+                              f"algorithm={self.cfg.algorithm} (use resume=none or another output_dir)")
+        load_trainable_state(self.model, torch.load(os.path.join(path, "model.pt"), map_location=self.device))
+        self.opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device))
+        self.sched.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
+        algo_state = torch.load(os.path.join(path, "algorithm.pt"), map_location=self.device, weights_only=False)
+        self.algo.load_state_dict(algo_state["main"])
+        self.ref_taken = st["reference_taken"]
+        if self.ref_taken:
+            if self.reference.mode == "copy":
+                self.reference.load_state_dict(algo_state["reference"])
+            elif self.reference.mode == "precompute":
+                self._precompute()
+        _set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
+        return st["step"]
+
+    # ---- reference
+    def _precompute(self) -> None:
+        cfg = self.cfg
+        parts = {"model": dataclass_dict(cfg.model), "train": dataclass_dict(cfg.train),
+                 "optim": dataclass_dict(cfg.optim), "data": dataclass_dict(cfg.data)}
+        key = cache_key(parts, self.train_ex + self.eval_ex)
+        cache_dir = cfg.reference.cache_dir or os.path.join(self.out, "ref_cache")
+        self.reference.precompute(self.train_ex + self.eval_ex, self.algo.collate, cfg.train.batch_size, cache_dir,
+                                  key, log=self.say)
+
+    def _take_reference(self) -> None:
+        if self.reference.mode == "copy":
+            self.reference.take()
+        elif self.reference.mode == "precompute":
+            self._precompute()
+        self.ref_taken = True
+
+    # ---- evaluation and logging
+    @torch.no_grad()
+    def evaluate(self, algo: Algorithm) -> dict[str, float]:
+        if not self.eval_ex:
+            return {}
+        self.model.eval()
+        bs = self.cfg.train.batch_size
+        items = []
+        for i in range(0, len(self.eval_ex), bs):
+            if self.cfg.train.eval_batches and i // bs >= self.cfg.train.eval_batches:
+                break
+            chunk = self.eval_ex[i:i + bs]
+            items.append((len(chunk), algo.eval_metrics(algo.collate(chunk))))
+        self.model.train()
+        return {f"eval/{k}": v for k, v in _mean_metrics(items).items()}
+
+    def _write(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def _truncate_metrics(self, step: int) -> None:
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as fh:
+            keep = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        with open(self.metrics_path, "w") as fh:
+            fh.writelines(keep)
+
+    # ---- the run
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        self._bar = None
+        t0 = time.time()
+        load_builtin_algorithms()
+        algo_cls = ALGORITHMS[cfg.algorithm]
+        self.device = _device(cfg)
+        _seed_all(cfg.train.seed)
+        tokenizer = build_tokenizer(cfg)
+        self._load_data(algo_cls, tokenizer)            # bad data stops the run here, before any training
+        ref_mode = self._reference_mode(algo_cls)
+        os.makedirs(self.out, exist_ok=True)
+        with open(os.path.join(self.out, "config.yaml"), "w") as fh:
+            fh.write(dump_config(cfg))
+        self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+        resume_path = self._resume_from()
+        if resume_path is None and cfg.resume in ("none", "auto"):
+            if os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)
+            shutil.rmtree(os.path.join(self.out, _CKPT), ignore_errors=True)
+
+        self.model = build_model(cfg, tokenizer, algo_cls.model_kind).to(self.device)
+        self.model.train()
+        self.reference = Reference(ref_mode, self.model)
+        rt = Runtime(cfg=cfg, model=self.model, tokenizer=tokenizer, device=self.device, reference=self.reference)
+        self.algo = algo_cls(cfg, rt)
+        warm_algo = ALGORITHMS["sft"](cfg, rt) if cfg.train.sft_warmup_steps else None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        total = self._total_steps()
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, total))
+        self.ref_taken = False
+        start = 0
+        if resume_path is not None:
+            start = self._load(resume_path)
+            self._truncate_metrics(start)
+            self.say(f"resumed from {resume_path} (step {start})")
+        warm = cfg.train.sft_warmup_steps
+        if not self.ref_taken and start >= warm:
+            self._take_reference()
+        self.algo.on_train_start()
+
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(self.out, "tensorboard"))
+        except ImportError:
+            pass
+        if not self.quiet:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=start, desc=cfg.algorithm, dynamic_ncols=True)
+        n_params = sum(p.numel() for p in params)
+        self.say(f"fastpref train: algorithm={cfg.algorithm} model={cfg.model.name_or_path} "
+                 f"({n_params / 1e6:.2f}M trainable) reference={ref_mode} train={len(self.train_ex)} "
+                 f"eval={len(self.eval_ex)} steps={total} device={self.device}")
+
+        last_train: dict = {}
+        last_eval: dict = {}
+        tok_count, t_window = 0, time.time()
+        for step in range(start + 1, total + 1):
+            in_warmup = step <= warm
+            if not in_warmup and not self.ref_taken:
+                self._take_reference()
+            algo = warm_algo if in_warmup else self.algo
+            examples = self._global_batch(step)
+            algo.step_metrics = {}
+            micro = algo.micro_batches(examples, step)
+            self.opt.zero_grad(set_to_none=True)
+            items = []
+            for mb in micro:
+                loss, metrics = algo.compute_loss(mb)
+                (loss / len(micro)).backward()
+                items.append((mb["input_ids"].shape[0], {"loss": loss.detach(), **metrics}))
+            gnorm = None
+            if o.max_grad_norm is not None:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+            lr = self.opt.param_groups[0]["lr"]
+            self.opt.step()
+            self.sched.step()
+            algo.on_step_end(step)
+            tok_count += algo.step_metrics.pop("tokens", None) or _tokens(examples)
+
+            if step % cfg.train.log_every == 0 or step == total:
+                rec = {"step": step, "phase": "sft_warmup" if in_warmup else cfg.algorithm,
+                       **_mean_metrics(items), "lr": lr}
+                if gnorm is not None:
+                    rec["grad_norm"] = float(gnorm)
+                rec.update({k: float(v) for k, v in algo.step_metrics.items()})
+                dt = max(time.time() - t_window, 1e-9)
+                rec["tokens_per_s"] = tok_count / dt
+                tok_count, t_window = 0, time.time()
+                self._write(rec)
+                last_train = rec
+                if self._bar is not None:
+                    post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+                    for k in ("rewards/accuracies", "rewards/margins", "accuracy"):
+                        if k in rec:
+                            post[k.split("/")[-1][:6]] = f"{rec[k]:.3f}"
+                    self._bar.set_postfix(post, refresh=False)
+                else:
+                    self.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in rec.items()))
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
+                ev = self.evaluate(algo)
+                if ev:
+                    self._write({"step": step, "phase": "eval", **ev})
+                    last_eval = ev
+                    self.say(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total:
+                self._save(step)
+            if self._bar is not None:
+                self._bar.update(1)
+            if self.stop_after is not None and step >= self.stop_after:
+                self._close()
+                return RunResult(step, last_train, last_eval, time.time() - t0, self.out)
+
+        self._close()
+        self._save_final(tokenizer)
+        if cfg.train.plots:
+            from fastpref.train.plots import plot_metrics
+
+            plot_metrics(self.metrics_path, os.path.join(self.out, "plots"))
+        secs = time.time() - t0
+        acc = last_eval.get("eval/rewards/accuracies", last_eval.get("eval/accuracy"))
+        if acc is not None:
+            print(f"held-out preference accuracy: {acc:.3f}  ({len(self.eval_ex)} pairs, step {total}, "
+                  f"{secs:.1f}s) -> {self.out}", flush=True)
+        else:
+            print(f"done: step {total}, {secs:.1f}s -> {self.out}", flush=True)
+        return RunResult(total, last_train, last_eval, secs, self.out)
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.tb is not None:
+            self.tb.close()
+
+    def _save_final(self, tokenizer) -> None:
+        final = os.path.join(self.out, "final")
+        tmp = os.path.join(self.out, ".tmp-final")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+
+def dataclass_dict(obj) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+def train(cfg: Config, *, quiet: bool = False) -> RunResult:
+    """Run ``cfg`` to the end (or resume it) and return the :class:`RunResult`."""
+    return Trainer(cfg, quiet=quiet).run()
