@@ -7,7 +7,7 @@ import torch
 
 from fastpref.losses.fused_policy import FusedLinearPolicyLoss
 from fastpref.losses.policy import LOSS_TYPES, policy_loss
-from fastpref.testing import TOL, assert_close_to_ref
+from fastpref.testing import assert_close_to_ref
 
 LENS = [5, 3, 7, 1, 4, 6]
 H, V = 16, 40
@@ -177,7 +177,6 @@ def test_bf16_within_tolerance(loss_type):
     assert_close_to_ref("loss", want, loss, dtype=torch.bfloat16)
     assert_close_to_ref("dhidden", gh_ref, gh, dtype=torch.bfloat16)
     assert_close_to_ref("dweight", gw_ref, gw, dtype=torch.bfloat16)
-    assert TOL[torch.bfloat16].atol < 0.1
 
 
 def test_padded_input_equals_packed():
@@ -221,3 +220,36 @@ def test_bias_gradient_and_errors():
         f(h.float(), w.float(), tgt, adv[:2].float(), cu_seqlens=cu)
     with pytest.raises(ValueError, match="cu_seqlens must rise"):
         f(h.float(), w.float(), tgt, adv.float(), cu_seqlens=[0, 3, 2, len(tgt)])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level,on_policy", [("token", False), ("sequence", False), ("token", True)])
+def test_matches_liger_fused_grpo(loss_type, level, on_policy):
+    """Oracle: Liger's LigerFusedLinearGRPOLoss on padded [B, T, H] input (loss, dhidden, dweight)."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    g = torch.Generator().manual_seed(7)
+    B, T = 4, 6
+    h = torch.randn(B, T, H, generator=g)
+    w = 0.4 * torch.randn(V, H, generator=g)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    am = torch.ones(B, T)
+    am[1, 3:], am[2, 1:] = 0, 0
+    with torch.no_grad():
+        lp = torch.log_softmax(h @ w.T / 0.7, -1).gather(2, ids[..., None]).squeeze(-1)
+    old = lp + 0.2 * torch.randn(B, T, generator=g)
+    ref = lp + 0.2 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    eps = EPS.get(loss_type, (0.2, 0.2))
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    oracle = liger.LigerFusedLinearGRPOLoss(beta=0.05, compiled=False, epsilon_low=eps[0], epsilon_high=eps[1],
+                                            loss_type=loss_type, max_completion_length=T,
+                                            importance_sampling_level=level, temperature=0.7, chunk_size=2)
+    want = oracle(h1, w1, ids, am, adv, ref_per_token_logps=ref, old_per_token_logps=None if on_policy else old)[0]
+    gh_w, gw_w = torch.autograd.grad(want, (h1, w1))
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ours = FusedLinearPolicyLoss(loss_type, beta=0.05, eps_low=eps[0], eps_high=eps[1], importance_sampling_level=level,
+                                 temperature=0.7, impl="torch")
+    loss, _ = ours(h2, w2, ids.masked_fill(am == 0, -100), adv, old_logps=None if on_policy else old, ref_logps=ref)
+    gh, gw = torch.autograd.grad(loss, (h2, w2))
+    assert abs(loss.item() - want.item()) < 1e-5
+    assert (gh - gh_w).abs().max().item() < 1e-6 and (gw - gw_w).abs().max().item() < 1e-6
