@@ -116,7 +116,8 @@ def _oracle(kind, opts, seq, lens, ref, tails, kl):
     return orpo_loss(seq[0::2], seq[1::2], lens[0::2], lens[1::2], **opts)
 
 
-def _check_case(case, layout, dtype, impl="torch", chunk_size=12, temperature=0.7, ref_mode="hidden", seed=0):
+def _check_case(case, layout, dtype, impl="torch", chunk_size=12, temperature=0.7, ref_mode="hidden", seed=0,
+                device="cpu"):
     cls, opts, kind = CASES[case]
     paired = kind != "kto"
     seqs = _sequences(6, seed)
@@ -144,20 +145,22 @@ def _check_case(case, layout, dtype, impl="torch", chunk_size=12, temperature=0.
     loss_ref.backward()
 
     # fused
-    h, w = h64.to(dtype).requires_grad_(), w64.to(dtype).requires_grad_()
+    h, w = h64.to(device, dtype).requires_grad_(), w64.to(device, dtype).requires_grad_()
     fused = cls(**opts, temperature=temperature, impl=impl, chunk_size=chunk_size)
     kw = {}
     if kind in ("dpo", "kto"):
         if ref_mode == "hidden":
-            kw["ref_hidden"] = rh64.to(dtype)
+            kw["ref_hidden"] = rh64.to(device, dtype)
         else:  # precomputed reference log-probs are LD-weighted already (as TRL precomputes them)
             r = ref if tails is None else ref - (1 - opts["ld_alpha"]) * tails[1]
-            kw["ref_logps"] = (r[0::2].float(), r[1::2].float()) if paired else r.float()
+            r = r.float().to(device)
+            kw["ref_logps"] = (r[0::2], r[1::2]) if paired else r
     if kind == "kto":
-        kw.update(labels=KTO_LABELS, kl=kl)
-    loss, m = fused(h, w, t, cu_seqlens=cu, **kw)
+        kw.update(labels=KTO_LABELS.to(device), kl=kl.to(device))
+    loss, m = fused(h, w, t.to(device), cu_seqlens=cu, **kw)
     loss.backward()
-    return loss_ref, m_ref, hl.grad, wl.grad, loss, m, h.grad, w.grad
+    m = {k: v.cpu() for k, v in m.items()}
+    return loss_ref, m_ref, hl.grad, wl.grad, loss.cpu(), m, h.grad.cpu(), w.grad.cpu()
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -245,7 +248,19 @@ def test_fused_bad_inputs():
     hn[1, 2, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite values in policy_"):
         FusedLinearCPOLoss()(hn, w, t)
+    with pytest.raises(ValueError, match="unknown loss_type 'nope'; valid values: 'sigmoid', 'hinge', 'ipo', 'simpo'"):
+        FusedLinearCPOLoss(loss_type="nope")
     with pytest.raises(ValueError, match="unknown loss_type 'kto_pair'"):
         FusedLinearKTOLoss(loss_type="kto_pair")
     with pytest.raises(ValueError, match="batch size mismatch: labels"):
         FusedLinearKTOLoss()(h, w, t, ref_logps=torch.zeros(4), labels=torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["dpo-sigmoid", "dpo-ldpo", "dpo-aot", "kto", "orpo", "simpo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_on_cuda_triton_vs_torch(case, dtype):
+    ref = _check_case(case, "packed", dtype, impl="torch", chunk_size=24, device="cuda")
+    tri = _check_case(case, "packed", dtype, impl="triton", chunk_size=24, device="cuda")
+    for i, name in ((4, "loss"), (6, "dhidden"), (7, "dweight")):
+        assert_close_to_ref(f"{case} {name}", ref[i - 4].detach(), ref[i].detach(), tri[i].detach(), dtype=dtype)

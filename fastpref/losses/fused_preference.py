@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastpref.losses.preference import (BATCH_COUPLED_DPO_LOSS_TYPES, DPO_LOSS_TYPES, cpo_loss, dpo_loss, kto_loss,
-                                        orpo_loss)
+from fastpref.losses.preference import (BATCH_COUPLED_DPO_LOSS_TYPES, CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES,
+                                        cpo_loss, dpo_loss, kto_loss, orpo_loss)
 from fastpref.ops import fused_linear_chunked_loss, linear_logprobs, plan_chunks, segment_sum
 
 Tensor = torch.Tensor
@@ -287,9 +287,11 @@ class FusedLinearKTOLoss(FusedLinearPreferenceLoss):
     def __init__(self, beta: float = 0.1, loss_type: str = "kto", desirable_weight: float = 1.0,
                  undesirable_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
+        if loss_type not in KTO_LOSS_TYPES:
+            raise ValueError(f"FusedLinearKTOLoss: unknown loss_type {loss_type!r}; valid values: "
+                             f"{', '.join(map(repr, KTO_LOSS_TYPES))}")
         self.opts = dict(beta=beta, loss_type=loss_type, desirable_weight=desirable_weight,
                          undesirable_weight=undesirable_weight)
-        kto_loss(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool), validate=False, **self.opts)
 
     def prepare(self, b, labels=None, kl=None, kl_logps=None):
         S = len(b.bounds) - 1
@@ -321,8 +323,9 @@ class FusedLinearCPOLoss(FusedLinearPreferenceLoss):
         super().__init__(**kwargs)
         self.opts = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, cpo_alpha=cpo_alpha,
                          simpo_gamma=simpo_gamma)
-        one = torch.ones(1)
-        cpo_loss(one, one, one, one, validate=False, **self.opts)  # option errors at construction
+        if loss_type not in CPO_LOSS_TYPES:
+            raise ValueError(f"{type(self).__name__}: unknown loss_type {loss_type!r}; valid values: "
+                             f"{', '.join(map(repr, CPO_LOSS_TYPES))}")
 
     def plain(self, seq, tail, b, sl, reduction):
         lens = b.lengths[sl]
