@@ -2,6 +2,7 @@
 
 from fastpref.ops.fused import fused_linear_chunked_loss, plan_chunks, segment_ids, segment_sum
 from fastpref.ops.logprobs import linear_cross_entropy, linear_logprobs
+from fastpref.ops.token_loss import token_policy_loss
 
 __all__ = ["fused_linear_chunked_loss", "linear_cross_entropy", "linear_logprobs", "plan_chunks", "segment_ids",
-           "segment_sum"]
+           "segment_sum", "token_policy_loss"]

@@ -105,14 +105,19 @@ class _FusedChunkedLoss(torch.autograd.Function):
             del z
         ctx.save_for_backward(*[t for t in acc.grads(bias)])
         ctx.has = (acc.dh is not None, acc.dw is not None, bias is not None and acc.db is not None)
+        ctx.used = False
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)
-        out = []
-        for has, t in zip(ctx.has, saved):
-            out.append(t * grad_out.to(t.dtype) if has and t is not None else None)
+        # The stored gradients are scaled in place (no second dW-sized buffer), so this graph can be
+        # back-propagated once only.
+        if ctx.used:
+            raise RuntimeError("fused_linear_chunked_loss: backward through the same loss twice is not supported "
+                               "(its gradients are formed in the forward and scaled in place)")
+        ctx.used = True
+        out = [t.mul_(grad_out.to(t.dtype)) if has and t is not None else None
+               for has, t in zip(ctx.has, ctx.saved_tensors)]
         return (*out, None, None, None, None, None, None, None)
 
 
