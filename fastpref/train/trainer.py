@@ -232,7 +232,7 @@ class Trainer:
                    os.path.join(tmp, "algorithm.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
             json.dump({"step": step, "data_position": step * self.cfg.train.batch_size * self.cfg.train.grad_accum,
-                       "reference_taken": self.ref_taken, "algorithm": self.cfg.algorithm}, fh)
+                       "reference_taken": self.ref_taken, "identity": _identity(self.cfg)}, fh)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -255,9 +255,11 @@ class Trainer:
     def _load(self, path: str) -> int:
         with open(os.path.join(path, "trainer_state.json")) as fh:
             st = json.load(fh)
-        if st.get("algorithm") != self.cfg.algorithm:
-            raise ConfigError(f"resume: checkpoint {path} is from algorithm={st.get('algorithm')}, this run is "
-                              f"algorithm={self.cfg.algorithm} (use resume=none or another output_dir)")
+        mine = _identity(self.cfg)
+        for k, v in st.get("identity", {}).items():
+            if mine.get(k) != v:
+                raise ConfigError(f"resume: checkpoint {path} was written with {k}={v!r}, this run has "
+                                  f"{k}={mine.get(k)!r} (use resume=none or another output_dir)")
         load_trainable_state(self.model, torch.load(os.path.join(path, "model.pt"), map_location=self.device))
         self.opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device))
         self.sched.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
@@ -347,7 +349,10 @@ class Trainer:
         self.model.train()
         self.reference = Reference(ref_mode, self.model)
         rt = Runtime(cfg=cfg, model=self.model, tokenizer=tokenizer, device=self.device, reference=self.reference)
-        self.algo = algo_cls(cfg, rt)
+        try:
+            self.algo = algo_cls(cfg, rt)
+        except ValueError as e:  # a loss option the loss rejects (e.g. an unknown loss.type)
+            raise ConfigError(f"algorithm={cfg.algorithm}: {e}") from None
         warm_algo = ALGORITHMS["sft"](cfg, rt) if cfg.train.sft_warmup_steps else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
@@ -471,6 +476,18 @@ class Trainer:
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+
+
+def _identity(cfg: Config) -> dict:
+    """Config values a checkpoint must agree with to be resumed (flattened ``key: value``)."""
+    from fastpref.train.config import config_to_dict
+
+    d = config_to_dict(cfg)
+    flat = {"algorithm": d["algorithm"], "train.seed": cfg.train.seed, "train.batch_size": cfg.train.batch_size,
+            "train.grad_accum": cfg.train.grad_accum, "train.sft_warmup_steps": cfg.train.sft_warmup_steps}
+    flat.update({f"model.{k}": v for k, v in d["model"].items()})
+    flat.update({f"data.{k}": v for k, v in d["data"].items()})
+    return json.loads(json.dumps(flat))
 
 
 def dataclass_dict(obj) -> dict:

@@ -129,11 +129,20 @@ class Algorithm:
     config_class: ClassVar[type | None] = None
     """Optional dataclass for the algorithm's own top-level config section (named like the algorithm)."""
 
+    default_loss_type: ClassVar[str | None] = None
+    """What ``loss.type=auto`` means for this algorithm (None: the algorithm has no loss types)."""
+
     def __init__(self, cfg: Config, rt: Runtime):
         self.cfg = cfg
         self.rt = rt
         self.step_metrics: dict[str, float] = {}
         """Extra per-step scalars (timings, reward stats) logged with the step; cleared by the trainer."""
+
+    @property
+    def loss_type(self) -> str | None:
+        """``loss.type`` with ``auto`` resolved to :attr:`default_loss_type`."""
+        t = self.cfg.loss.type
+        return self.default_loss_type if t == "auto" else t
 
     @property
     def section(self):

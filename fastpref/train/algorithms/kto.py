@@ -18,13 +18,14 @@ from fastpref.train.modeling import decoder_hidden, lm_head, sequence_logps
 class KTO(Algorithm):
     data_kind = "kto"
     needs_reference = True
+    default_loss_type = "kto"
 
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
         from fastpref.losses.fused_preference import FusedLinearKTOLoss
 
         lc = cfg.loss
-        self.loss_fn = FusedLinearKTOLoss(beta=lc.beta, loss_type=lc.type if lc.type != "sigmoid" else "kto",
+        self.loss_fn = FusedLinearKTOLoss(beta=lc.beta, loss_type=self.loss_type,
                                           desirable_weight=lc.desirable_weight,
                                           undesirable_weight=lc.undesirable_weight)
 

@@ -42,12 +42,13 @@ class DPO(_Paired):
     """DPO (Rafailov et al. 2023) and TRL's loss types (``loss.type``: sigmoid, hinge, ipo, robust, ...)."""
 
     needs_reference = True
+    default_loss_type = "sigmoid"
 
     def make_loss(self):
         from fastpref.losses.fused_preference import FusedLinearDPOLoss
 
         lc = self.cfg.loss
-        return FusedLinearDPOLoss(beta=lc.beta, loss_type=lc.type, label_smoothing=lc.label_smoothing)
+        return FusedLinearDPOLoss(beta=lc.beta, loss_type=self.loss_type, label_smoothing=lc.label_smoothing)
 
 
 @register_algorithm("orpo")
@@ -75,9 +76,11 @@ class SimPO(_Paired):
 class CPO(_Paired):
     """CPO (Xu et al. 2024): reference-free preference loss (``loss.type``) + ``loss.cpo_alpha`` x NLL."""
 
+    default_loss_type = "sigmoid"
+
     def make_loss(self):
         from fastpref.losses.fused_preference import FusedLinearCPOLoss
 
         lc = self.cfg.loss
-        return FusedLinearCPOLoss(beta=lc.beta, loss_type=lc.type, label_smoothing=lc.label_smoothing,
+        return FusedLinearCPOLoss(beta=lc.beta, loss_type=self.loss_type, label_smoothing=lc.label_smoothing,
                                   cpo_alpha=lc.cpo_alpha, simpo_gamma=lc.simpo_gamma)

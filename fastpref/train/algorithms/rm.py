@@ -15,6 +15,7 @@ from fastpref.train.algorithms.base import Algorithm, register_algorithm
 class RewardModel(Algorithm):
     data_kind = "preference"
     model_kind = "sequence_classification"
+    default_loss_type = "bradley_terry"
 
     def collate(self, examples):
         return collate_preference(examples, self.rt.tokenizer.pad_token_id, device=self.rt.device)
@@ -27,7 +28,6 @@ class RewardModel(Algorithm):
     def compute_loss(self, batch):
         r = self.rewards(batch)
         p = r.shape[0] // 2
-        lt = self.cfg.loss.type if self.cfg.loss.type in ("bradley_terry", "log_exp") else "bradley_terry"
-        loss, metrics = reward_model_loss(r[:p], r[p:], loss_type=lt,
+        loss, metrics = reward_model_loss(r[:p], r[p:], loss_type=self.loss_type,
                                           center_rewards_coefficient=self.cfg.loss.center_rewards_coefficient)
         return loss, metrics
