@@ -88,6 +88,7 @@ CASES = {
                                               rdpo_alpha=0.02), "dpo"),
     "dpo-ldpo": (FusedLinearDPOLoss, dict(beta=0.2, ld_alpha=0.4), "dpo"),
     "dpo-aot": (FusedLinearDPOLoss, dict(beta=0.2, loss_type="aot", label_smoothing=0.1), "dpo"),
+    "dpo-fdiv": (FusedLinearDPOLoss, dict(beta=0.2, loss_type="sigmoid", f_divergence_type="js_divergence"), "dpo"),
     "dpo-robust-bco": (FusedLinearDPOLoss, dict(beta=0.2, loss_type=["robust", "bco_pair"], label_smoothing=0.1),
                        "dpo"),
     "kto": (FusedLinearKTOLoss, dict(beta=0.2, desirable_weight=1.3, undesirable_weight=0.7), "kto"),

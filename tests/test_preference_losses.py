@@ -69,6 +69,19 @@ def _oracle(lt, pc, pr, rc, rr, lc, lr, beta, eps, tau=0.05):
     raise AssertionError(lt)
 
 
+def test_f_divergence_scores_fp64():
+    (pc, pr, rc, rr), lc, lr = _inputs(9, scale=0.5)
+    pc, pr, rc, rr = pc / 20, pr / 20, rc / 20, rr / 20  # log-ratios of order 1
+    w, l = pc - rc, pr - rr
+    a = 0.3
+    scores = {"forward_kl": lambda r: 1 - 1 / torch.exp(r), "js_divergence": lambda r: torch.log(2 * torch.exp(r) / (
+        torch.exp(r) + 1)), "alpha_divergence": lambda r: (torch.exp(r) ** (a - 1) - 1) / (a - 1)}
+    for kind, f in scores.items():
+        got, m = dpo_loss(pc, pr, rc, rr, beta=0.4, f_divergence_type=kind, f_alpha_divergence_coef=a)
+        torch.testing.assert_close(got, -ls(0.4 * (f(w) - f(l))).mean())
+        torch.testing.assert_close(m["rewards/chosen"], 0.4 * w.mean())
+
+
 def _eps_for(lt):
     return {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1, "sigmoid": 0.2}.get(lt, 0.0)
 
@@ -201,6 +214,10 @@ def test_bad_inputs_have_clear_errors():
         dpo_loss(x, x, x, x, loss_type=["sigmoid", "sft"], loss_weights=[1.0])
     with pytest.raises(ValueError, match="ld_alpha needs tail_logps"):
         dpo_loss(x, x, x, x, ld_alpha=0.5)
+    with pytest.raises(ValueError, match="f_divergence_type='forward_kl' is only defined for the loss types"):
+        dpo_loss(x, x, x, x, loss_type="bco_pair", f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match="unknown f_divergence_type 'kl'; valid values: 'reverse_kl', 'forward_kl'"):
+        dpo_loss(x, x, x, x, f_divergence_type="kl")
     with pytest.raises(ValueError, match="must be 1-D"):
         dpo_loss(x[None], x[None], x[None], x[None])
     with pytest.raises(ValueError, match="unknown loss_type 'dpo'.*'kto', 'apo_zero_unpaired'"):
@@ -260,9 +277,13 @@ def _tails(per_tok, mask, P_):
     return (per_tok * (mask.bool() & (rank > shared[:, None]))).sum(1)
 
 
-@pytest.mark.parametrize("lt,eps,ld", [(t, _eps_for(t) if t != "sigmoid" else 0.0, None) for t in DPO_LOSS_TYPES]
-                         + [(["sigmoid", "sft"], 0.0, None), ("sigmoid", 0.0, 0.3), ("ipo", 0.0, 0.5)])
-def test_dpo_matches_trl(lt, eps, ld):
+@pytest.mark.parametrize("lt,eps,ld,fdiv", [(t, _eps_for(t) if t != "sigmoid" else 0.0, None, "reverse_kl")
+                                             for t in DPO_LOSS_TYPES]
+                         + [(["sigmoid", "sft"], 0.0, None, "reverse_kl"), ("sigmoid", 0.0, 0.3, "reverse_kl"),
+                            ("ipo", 0.0, 0.5, "reverse_kl"), ("sigmoid", 0.0, None, "forward_kl"),
+                            ("hinge", 0.0, None, "js_divergence"), ("ipo", 0.0, None, "alpha_divergence"),
+                            (["discopop", "sft"], 0.0, None, "alpha_divergence")])
+def test_dpo_matches_trl(lt, eps, ld, fdiv):
     trl = pytest.importorskip("trl")
     from trl.trainer.dpo_trainer import DPOTrainer
 
@@ -272,11 +293,14 @@ def test_dpo_matches_trl(lt, eps, ld):
     ref_c, ref_r = (torch.randn(B // 2, generator=g, dtype=torch.float64) * 2 - 10 for _ in range(2))
     types = [lt] if isinstance(lt, str) else lt
     weights = [1.0, 0.7] if len(types) == 2 else None
+    if fdiv == "alpha_divergence":  # TRL's alpha-divergence branch has clamps for fp16/bf16/fp32 only
+        per_tok, ref_c, ref_r = per_tok.float(), ref_c.float(), ref_r.float()
 
     tr = DPOTrainer.__new__(DPOTrainer)
     _trl_common(tr)
     tr.beta, tr.loss_types, tr.loss_weights = beta, types, weights or [1.0] * len(types)
-    tr.ld_alpha, tr.f_divergence_type, tr.label_smoothing, tr.use_weighting = ld, "reverse_kl", eps, False
+    tr.ld_alpha, tr.f_divergence_type, tr.label_smoothing, tr.use_weighting = ld, fdiv, eps, False
+    tr.f_alpha_divergence_coef = 0.3
     tr.args = SimpleNamespace(discopop_tau=0.05)
     input_ids = torch.zeros(B, T, dtype=torch.long)
     lp_trl = per_tok.clone().requires_grad_()
@@ -298,10 +322,13 @@ def test_dpo_matches_trl(lt, eps, ld):
         # TRL's precomputed reference log-probs are already LD-weighted: their tails are 0
         kw = dict(ld_alpha=ld, tail_logps=(tail[: B // 2], tail[B // 2:], torch.zeros_like(rc), torch.zeros_like(rr)))
     loss, m = dpo_loss(seq[: B // 2], seq[B // 2:], rc, rr, beta=beta, loss_type=lt, loss_weights=weights,
-                       label_smoothing=eps, chosen_lengths=lens[: B // 2], rejected_lengths=lens[B // 2:], **kw)
+                       label_smoothing=eps, chosen_lengths=lens[: B // 2], rejected_lengths=lens[B // 2:],
+                       f_divergence_type=fdiv, f_alpha_divergence_coef=0.3, **kw)
     loss.backward()
     # TRL's exo_pair evaluates log(eps), log1p(-eps) on an fp32 tensor: parity to fp32 precision there
     rtol = 1e-6 if "exo_pair" in types else 1e-10
+    if per_tok.dtype == torch.float32:
+        rtol = 1e-5
     torch.testing.assert_close(loss, trl_loss.to(loss.dtype), rtol=rtol, atol=1e-12)
     # the stand-in's log-probs are 0 off the completion; TRL sums over every position, so compare on the completion
     torch.testing.assert_close(lp.grad, lp_trl.grad * mask, rtol=rtol, atol=1e-12)

@@ -247,12 +247,13 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 
 class FusedLinearDPOLoss(FusedLinearPreferenceLoss):
     """Fused :func:`~fastpref.losses.preference.dpo_loss` (every TRL loss type, lists with weights, label
-    smoothing, R-DPO ``rdpo_alpha``, LD-DPO ``ld_alpha``). Token counts, the SFT term's batch normaliser and the
+    smoothing, f-DPO, R-DPO ``rdpo_alpha``, LD-DPO ``ld_alpha``). Token counts, the SFT term's batch normaliser and the
     LD-DPO shared/excess split are computed from ``targets``; SPIN is this loss on (gold, generated) pairs."""
 
     def __init__(self, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
                  loss_weights: Sequence[float] | None = None, label_smoothing: float = 0.0, rdpo_alpha: float = 0.0,
-                 ld_alpha: float | None = None, discopop_tau: float = 0.05, **kwargs):
+                 ld_alpha: float | None = None, discopop_tau: float = 0.05, f_divergence_type: str = "reverse_kl",
+                 f_alpha_divergence_coef: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         for lt in types:
@@ -260,7 +261,8 @@ class FusedLinearDPOLoss(FusedLinearPreferenceLoss):
                 raise ValueError(f"FusedLinearDPOLoss: unknown loss_type {lt!r}; valid values: "
                                  f"{', '.join(map(repr, DPO_LOSS_TYPES))}")
         self.opts = dict(beta=beta, loss_type=types, loss_weights=loss_weights, label_smoothing=label_smoothing,
-                         rdpo_alpha=rdpo_alpha, ld_alpha=ld_alpha, discopop_tau=discopop_tau)
+                         rdpo_alpha=rdpo_alpha, ld_alpha=ld_alpha, discopop_tau=discopop_tau,
+                         f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef)
         self.separable = not set(types) & set(BATCH_COUPLED_DPO_LOSS_TYPES)
         self.needs_tail = ld_alpha is not None
 

@@ -49,6 +49,8 @@ BATCH_COUPLED_DPO_LOSS_TYPES = ("aot", "aot_unpaired")
 """Loss types whose per-pair terms depend on the whole batch (they sort the log-ratios across pairs)."""
 
 _LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+_F_DIVERGENCE_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 _RDPO_TYPES = ("sigmoid", "hinge", "robust", "exo_pair", "discopop")
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
@@ -139,7 +141,8 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
              chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
              mean_chosen_length: float | Tensor | None = None, rdpo_alpha: float = 0.0,
              ld_alpha: float | None = None, tail_logps: Sequence[Tensor] | None = None,
-             discopop_tau: float = 0.05, reduction: str = "mean", validate: bool = True) -> tuple[Tensor, dict]:
+             discopop_tau: float = 0.05, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+             reduction: str = "mean", validate: bool = True) -> tuple[Tensor, dict]:
     r"""DPO and every loss type of TRL 1.16's ``DPOTrainer``, from per-sequence log-probs.
 
     With :math:`\rho_w = \log\pi(y_w) - \log\pi_{ref}(y_w)`, :math:`\rho_l` likewise, :math:`\Delta = \rho_w - \rho_l`
@@ -166,6 +169,13 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     sft        NLL of the chosen tokens, averaged over all chosen tokens of the batch (RPO = sigmoid + sft)
     ========== ===============================================================================================
 
+    f-DPO (Wang et al. 2023, arXiv:2309.16240; ``f_divergence_type``, TRL's names): the log-ratios inside
+    :math:`\Delta` (and IPO's/``sigmoid_norm``'s averages) become :math:`f'` scores: ``forward_kl``
+    :math:`1 - e^{-\rho}`, ``js_divergence`` :math:`\log 2 + \log\sigma(\rho)`, ``alpha_divergence``
+    :math:`(e^{(\alpha-1)\rho} - 1)/(\alpha-1)` (exponent clamped at 80, as TRL); only for the types built on
+    the chosen-rejected difference (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft).
+    Rewards metrics stay :math:`\beta\rho`.
+
     ``loss_type`` may be a list, combined as ``sum_k loss_weights[k] * mean(loss_k)`` (weights default to 1).
 
     Length control:
@@ -186,8 +196,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
       TRL 1.16 ignores it there. With the default ``0.0`` the two agree.
     * ``sft`` per pair is ``-logp_w / mean_chosen_length``; TRL broadcasts the batch token-mean. The mean over the
       batch is identical; per-pair values (``reduction="none"``) differ, and ours are separable over pairs.
-    * Not implemented: TRL's ``f_divergence_type`` other than reverse KL and WPO ``use_weighting`` (needs the
-      per-token sum of squared probabilities).
+    * Not implemented: WPO ``use_weighting`` (needs the per-token sum of squared probabilities).
 
     ``aot``/``aot_unpaired`` sort across the batch: their ``reduction="none"`` losses are in sorted order and the
     fused losses compute them on the recompute engine.
@@ -214,6 +223,10 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     if len(weights) != len(types):
         raise ValueError(f"{op}: loss_weights has {len(weights)} entries but loss_type has {len(types)}")
     _check_option(op, "reduction", reduction, _REDUCTIONS)
+    _check_option(op, "f_divergence_type", f_divergence_type, F_DIVERGENCES)
+    if f_divergence_type != "reverse_kl" and not set(types) <= set(_F_DIVERGENCE_TYPES):
+        raise ValueError(f"{op}: f_divergence_type={f_divergence_type!r} is only defined for the loss types "
+                         f"{_F_DIVERGENCE_TYPES} (it needs the chosen-rejected difference), got {types}")
     if not beta > 0:
         raise ValueError(f"{op}: beta must be > 0, got {beta}")
     if "exo_pair" in types and not 0.0 < label_smoothing < 1.0:
@@ -248,7 +261,9 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
         tc, tr, trc, trr = map(_f32, tail_logps)
         pc, pr, rc, rr = pc - k * tc, pr - k * tr, rc - k * trc, rr - k * trr
     rho_w, rho_l = pc - rc, pr - rr
-    delta = rho_w - rho_l
+    s_w, s_l = _f_scores(rho_w, f_divergence_type, f_alpha_divergence_coef), _f_scores(rho_l, f_divergence_type,
+                                                                                      f_alpha_divergence_coef)
+    delta = s_w - s_l
     logit = beta * delta
     if rdpo_alpha:
         logit = logit + rdpo_alpha * (chosen_lengths.to(logit.dtype) - rejected_lengths.to(logit.dtype))
@@ -264,7 +279,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
         elif lt == "hinge":
             loss = torch.relu(1 - logit)
         elif lt in ("ipo", "sigmoid_norm"):
-            d = rho_w / chosen_lengths.to(rho_w.dtype).clamp(min=1) - rho_l / rejected_lengths.to(rho_w.dtype).clamp(min=1)
+            d = s_w / chosen_lengths.to(s_w.dtype).clamp(min=1) - s_l / rejected_lengths.to(s_w.dtype).clamp(min=1)
             loss = (d - 1 / (2 * beta)) ** 2 if lt == "ipo" else -F.logsigmoid(beta * d)
         elif lt == "exo_pair":
             loss = (torch.sigmoid(logit) * (F.logsigmoid(logit) - math.log1p(-eps))
@@ -284,7 +299,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
         elif lt == "apo_zero":
             loss = 1 - torch.sigmoid(beta * rho_w) + torch.sigmoid(beta * rho_l)
         elif lt == "apo_down":
-            loss = torch.sigmoid(beta * rho_w) + 1 - torch.sigmoid(beta * delta)
+            loss = torch.sigmoid(beta * rho_w) + 1 - torch.sigmoid(beta * (rho_w - rho_l))
         elif lt == "discopop":
             m = torch.sigmoid(logit / discopop_tau)
             loss = -F.logsigmoid(logit) * (1 - m) + torch.exp(-logit) * m
@@ -293,6 +308,17 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
         per = wgt * loss if per is None else per + wgt * loss
     metrics = _pair_metrics(beta * rho_w, beta * rho_l, pc, pr)
     return _reduce(op, per, reduction), metrics
+
+
+def _f_scores(rho: Tensor, kind: str, alpha: float) -> Tensor:
+    """f'(ratio) of f-DPO, as a function of the log-ratio rho (reverse KL: rho itself)."""
+    if kind == "forward_kl":
+        return 1 - torch.exp(-rho)
+    if kind == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(rho)
+    if kind == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:
+        return (torch.exp(((alpha - 1.0) * rho).clamp(max=80.0)) - 1.0) / (alpha - 1.0)
+    return rho
 
 
 def spin_loss(policy_real_logps: Tensor, policy_generated_logps: Tensor, ref_real_logps: Tensor,
