@@ -210,7 +210,7 @@ class RewardModelScorer:
         out: list[float] = []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for s in range(0, len(texts), self.batch_size):
-            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[s:s + self.batch_size]]
+            ids = [list(self.tokenizer.encode(t, add_special_tokens=False)) for t in texts[s:s + self.batch_size]]
             if self.max_length:
                 ids = [x[-self.max_length:] for x in ids]
             width = max(len(x) for x in ids)

@@ -5,9 +5,10 @@ string. With single-digit operands whose results stay single-digit the task need
 operators, ``=`` and EOS, so a tiny randomly initialised model on CPU improves on it within a few dozen GRPO
 steps: first the *format* (answer with digits only, then stop), then correctness.
 
-``arith_reward`` = ``1.0 * correct + 0.5 * well_formed`` (well formed: the completion is a plain number with no
-more digits than the answer, i.e. the policy answered and then stopped), so a random policy already sees reward
-variance inside a group and the format is learnt first.
+``arith_reward`` = ``1.0 * correct + 0.25 * starts_with_digit + 0.25 * well_formed`` (well formed: the completion
+is a plain number with no more digits than the answer, i.e. the policy answered and then stopped). The shaping
+terms are dense enough that a random policy over a ~100-token vocabulary already sees reward variance inside a
+group of 8: the format is learnt first (answer with a digit, then stop), then correctness.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def make_arith(n: int, *, seed: int = 0, max_operand: int = 4, ops: Sequence[str
 
 
 def arith_reward(prompts: Sequence[str], completions: Sequence[str], **columns) -> list[float]:
-    """``1.0 * (c == answer) + 0.5 * (c is all digits and len(c) <= len(answer))`` per stripped completion ``c``.
+    """``1.0 * (c == answer) + 0.25 * c[:1].isdigit() + 0.25 * (c.isdigit() and len(c) <= len(answer))`` per
+    stripped completion ``c`` (ASCII digits only).
 
     Needs the ``answer`` column (one per completion).
     """
@@ -63,7 +65,8 @@ def arith_reward(prompts: Sequence[str], completions: Sequence[str], **columns) 
     for c, a in zip(completions, answers):
         c = c.strip()
         a = str(a).strip()
-        out.append(1.0 * (c == a) + 0.5 * (c.isascii() and c.isdigit() and len(c) <= len(a)))
+        digits = c.isascii() and c.isdigit()
+        out.append(1.0 * (c == a) + 0.25 * (c[:1].isascii() and c[:1].isdigit()) + 0.25 * (digits and len(c) <= len(a)))
     return out
 
 
