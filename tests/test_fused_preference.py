@@ -118,7 +118,7 @@ def _oracle(kind, opts, seq, lens, ref, tails, kl):
 
 
 def _check_case(case, layout, dtype, impl="torch", chunk_size=12, temperature=0.7, ref_mode="hidden", seed=0,
-                device="cpu"):
+                device="cpu", **fused_kw):
     cls, opts, kind = CASES[case]
     paired = kind != "kto"
     seqs = _sequences(6, seed)
@@ -147,7 +147,7 @@ def _check_case(case, layout, dtype, impl="torch", chunk_size=12, temperature=0.
 
     # fused
     h, w = h64.to(device, dtype).requires_grad_(), w64.to(device, dtype).requires_grad_()
-    fused = cls(**opts, temperature=temperature, impl=impl, chunk_size=chunk_size)
+    fused = cls(**opts, temperature=temperature, impl=impl, chunk_size=chunk_size, **fused_kw)
     kw = {}
     if kind in ("dpo", "kto"):
         if ref_mode == "hidden":
@@ -205,6 +205,17 @@ def test_triton_path_under_interpreter(case):
     for i, name in ((4, "loss"), (6, "dhidden"), (7, "dweight")):
         assert_close_to_ref(f"{case} {name}", ref[i - 4].detach(), ref[i].detach(),
                             tri[i].detach(), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("case", ["dpo-ldpo", "dpo-aot", "kto", "orpo"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_skip_unscored_gives_the_same_result(case, layout):
+    loss_ref, m_ref, dh_ref, dw_ref, loss, m, dh, dw = _check_case(case, layout, torch.float32, skip_unscored=True)
+    assert_close_to_ref(f"{case} loss", loss_ref.detach(), loss, dtype=torch.float32)
+    assert_close_to_ref(f"{case} dhidden", dh_ref, dh, dtype=torch.float32)
+    assert_close_to_ref(f"{case} dweight", dw_ref, dw, dtype=torch.float32)
+    for k, v in m_ref.items():
+        assert_close_to_ref(f"{case} {k}", v.detach().reshape(1), m[k].reshape(1).double(), dtype=torch.float32)
 
 
 def test_padded_and_packed_agree_and_ref_modes_agree():

@@ -51,6 +51,8 @@ class _Batch:
     ref: Tensor | None = None  # [S] reference log-probs
     ref_tail: Tensor | None = None
     tail_weight: Tensor | None = None  # [N] 1.0 on tokens past the pair's shared length (LD-DPO)
+    index: Tensor | None = None  # flat positions kept by skip_unscored (None: all)
+    n_tokens: int = 0            # tokens before skip_unscored
     extra: dict | None = None
 
 
@@ -65,13 +67,17 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         reduction: ``"mean"`` over pairs/examples or ``"sum"``.
         validate: check token ids and NaN/inf in the per-sequence log-probs (a few host syncs); turn off on the
             trainer's hot path.
+        skip_unscored: drop the positions whose target is ``ignore_index`` (prompt, padding) before the LM head,
+            for the policy and the reference alike: often half the work of a DPO batch. Costs one host sync per
+            call (the per-sequence counts of scored tokens); results are identical.
     """
 
     paired = True
     needs_ref = True
 
     def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, impl: str = "auto",
-                 chunk_size: int | None = None, reduction: str = "mean", validate: bool = True):
+                 chunk_size: int | None = None, reduction: str = "mean", validate: bool = True,
+                 skip_unscored: bool = False):
         super().__init__()
         if reduction not in ("mean", "sum"):
             raise ValueError(f"{type(self).__name__}: reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -79,6 +85,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             raise ValueError(f"{type(self).__name__}: temperature must be > 0, got {temperature}")
         self.ignore_index, self.temperature, self.impl = ignore_index, float(temperature), impl
         self.chunk_size, self.reduction, self.validate = chunk_size, reduction, validate
+        self.skip_unscored = skip_unscored
 
     # -- what a subclass provides -------------------------------------------------------------------------------
     separable = True
@@ -106,6 +113,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         b = self._layout(name, hidden, targets, cu_seqlens)
         if self.needs_tail:
             b.tail_weight = self._tail_weight(b)
+        if self.skip_unscored:
+            self._compact(b)
         if self.needs_ref:
             self._reference(name, b, ref_logps, ref_hidden, ref_weight, ref_bias, weight)
         elif ref_logps is not None or ref_hidden is not None:
@@ -192,6 +201,21 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         lengths = segment_sum((t != self.ignore_index).float(), cu)
         return _Batch(hidden=h, targets=t, bounds=bounds, cu=cu, lengths=lengths, perm=perm)
 
+    def _compact(self, b: _Batch) -> None:
+        """Keep only the scored positions; sequence k's scored tokens stay contiguous and in order."""
+        counts = [int(c) for c in b.lengths.tolist()]  # the one host sync of skip_unscored
+        n = sum(counts)
+        keep = b.targets != self.ignore_index
+        b.index = torch.argsort((~keep).to(torch.int8), stable=True)[:n]  # scored positions, in order, no sync
+        b.n_tokens = b.hidden.shape[0]
+        b.hidden, b.targets = b.hidden.index_select(0, b.index), b.targets.index_select(0, b.index)
+        if b.tail_weight is not None:
+            b.tail_weight = b.tail_weight.index_select(0, b.index)
+        b.bounds = [0]
+        for c in counts:
+            b.bounds.append(b.bounds[-1] + c)
+        b.cu = torch.tensor(b.bounds, device=b.hidden.device)
+
     def _check_targets(self, name, t, vocab):
         bad = (t != self.ignore_index) & ((t < 0) | (t >= vocab))
         if bad.any():
@@ -234,8 +258,11 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         if b.perm is not None:
             rh = rh.index_select(0, b.perm)
         rh = rh.reshape(-1, rh.shape[-1])
-        if rh.shape[0] != b.hidden.shape[0]:
-            raise ValueError(f"{name}: ref_hidden has {rh.shape[0]} tokens, hidden has {b.hidden.shape[0]}")
+        n = b.hidden.shape[0] if b.index is None else b.n_tokens
+        if rh.shape[0] != n:
+            raise ValueError(f"{name}: ref_hidden has {rh.shape[0]} tokens, hidden has {n}")
+        if b.index is not None:
+            rh = rh.index_select(0, b.index)
         with torch.no_grad():
             tok = linear_logprobs(rh.detach(), (weight if ref_weight is None else ref_weight).detach(), b.targets,
                                   bias=None if ref_bias is None else ref_bias.detach(), temperature=self.temperature,
