@@ -276,3 +276,39 @@ def test_fused_on_cuda_triton_vs_torch(case, dtype):
     tri = _check_case(case, "packed", dtype, impl="triton", chunk_size=24, device="cuda")
     for i, name in ((4, "loss"), (6, "dhidden"), (7, "dweight")):
         assert_close_to_ref(f"{case} {name}", ref[i - 4].detach(), ref[i].detach(), tri[i].detach(), dtype=dtype)
+
+
+def test_bias_and_ref_head_and_kto_kl_logps():
+    """LM-head bias (policy and a separate reference head) and KTO's z0 from mismatched-pair log-probs."""
+    seqs = _sequences(6, 3)
+    h64, t, cu, _ = _layout(seqs, "packed", True)
+    g = torch.Generator().manual_seed(4)
+    w64, b64 = torch.randn(V, H, generator=g, dtype=torch.float64) / 2, torch.randn(V, generator=g, dtype=torch.float64)
+    rw64, rb64 = w64 + 0.1 * torch.randn(V, H, generator=g, dtype=torch.float64), torch.randn(V, generator=g,
+                                                                                             dtype=torch.float64)
+    pk, rk = torch.randn(6, generator=g, dtype=torch.float64) + 1, torch.randn(6, generator=g, dtype=torch.float64)
+
+    def seq_logps(h, w, b):
+        logp = torch.log_softmax(h @ w.T + b, -1)
+        tok = torch.where(t != IGN, logp.gather(-1, t.clamp(min=0)[:, None])[:, 0], 0.0)
+        return torch.stack([tok[x:y].sum() for x, y in zip(cu[:-1].tolist(), cu[1:].tolist())])
+
+    for kind in ("dpo", "kto"):
+        hl, wl, bl = (x.clone().requires_grad_() for x in (h64, w64, b64))
+        seq = seq_logps(hl, wl, bl)
+        ref = seq_logps(h64, rw64, rb64)
+        if kind == "dpo":
+            want, _ = dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], beta=0.2)
+            fused, kw = FusedLinearDPOLoss(beta=0.2, chunk_size=10), {}
+        else:
+            want, _ = kto_loss(seq, ref, KTO_LABELS, beta=0.2, policy_kl_logps=pk, ref_kl_logps=rk)
+            fused, kw = FusedLinearKTOLoss(beta=0.2, chunk_size=10), dict(labels=KTO_LABELS,
+                                                                            kl_logps=(pk.float(), rk.float()))
+        want.backward()
+        h, w, b = (x.float().requires_grad_() for x in (h64, w64, b64))
+        got, _ = fused(h, w, t, bias=b, cu_seqlens=cu, ref_hidden=h.detach(), ref_weight=rw64.float(),
+                       ref_bias=rb64.float(), **kw)
+        got.backward()
+        for name, r, x in (("loss", want.detach(), got), ("dh", hl.grad, h.grad), ("dw", wl.grad, w.grad),
+                           ("db", bl.grad, b.grad)):
+            assert_close_to_ref(f"{kind} {name}", r, x, dtype=torch.float32)
