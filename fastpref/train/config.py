@@ -260,6 +260,9 @@ class Config:
     """Sections registered by algorithms (``cfg.sections['grpo']``); written at the top level in YAML."""
 
     def __post_init__(self):
+        from fastpref.train.algorithms.base import load_builtin_algorithms
+
+        load_builtin_algorithms()  # so every algorithm's section exists, whenever the Config is made
         for name, cls in _SECTIONS.items():
             self.sections.setdefault(name, cls())
 

@@ -388,6 +388,10 @@ class Trainer:
 
         last_train: dict = {}
         last_eval: dict = {}
+        if start == 0 and cfg.train.eval_every:  # the baseline point of the eval curves
+            ev = self.evaluate(warm_algo if warm else self.algo)
+            if ev:
+                self._write({"step": 0, "phase": "eval", **ev})
         tok_count, t_window = 0, time.time()
         for step in range(start + 1, total + 1):
             in_warmup = step <= warm
