@@ -33,9 +33,10 @@ class OnlineConfig:
 
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Sampling settings of the rollout."""
-    reward: str = "arith"
+    reward: str | None = "arith"
     """Reward function: a name of ``fastpref.rewards`` (``arith``, ``exact_match``, ``math_answer``),
-    ``format:<regex>``, ``length:<chars>``, or ``module:function`` of your own."""
+    ``format:<regex>``, ``length:<chars>``, or ``module:function`` of your own; null: none (methods that score
+    otherwise; then no held-out reward)."""
 
     def validate(self) -> None:
         self.generation.validate()
@@ -168,6 +169,20 @@ def parse_judge_score(text: str, max_score: float = 5.0) -> float | None:
 
 # --------------------------------------------------------------------------------------------- the base
 
+def micro_batch(packed: PackedBatch | None, **fields) -> dict:
+    """A micro-batch dict for the trainer: ``packed`` plus ``fields``, and ``input_ids`` ``[S, 0]`` (the trainer
+    weights the micro-batches' metrics by ``input_ids.shape[0]``, the number of sequences). ``packed=None``
+    marks a step with nothing to train on (``compute_loss`` returns a zero loss)."""
+    n = 0 if packed is None else packed.completion_lengths.numel()
+    dev = None if packed is None else packed.input_ids.device
+    return {"packed": packed, "input_ids": torch.zeros((max(n, 1), 0), dtype=torch.int64, device=dev), **fields}
+
+
+def zero_loss(model) -> torch.Tensor:
+    """A differentiable 0 (every trainable parameter gets a zero gradient) for a step with nothing to learn."""
+    return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+
+
 def metrics_float(metrics: dict) -> dict[str, float]:
     """Tensors to floats (one host sync per step, off the training hot path)."""
     return {k: float(v) for k, v in metrics.items()}
@@ -238,8 +253,10 @@ class OnlineAlgorithm(Algorithm):
             self._timings[k] = self._timings.get(k, 0.0) + v
 
     def begin_train_phase(self, train_tokens: int) -> None:
-        """Call at the end of ``micro_batches``: starts the ``train`` timer."""
+        """Call at the end of ``micro_batches`` with the tokens trained on (prompt + completion): starts the
+        ``train`` timer and reports the count for the trainer's tokens/s."""
         self._train_tokens = train_tokens
+        self.step_metrics["tokens"] = train_tokens
         self._t_train = time.perf_counter()
 
     def on_step_end(self, step: int) -> None:
@@ -253,6 +270,24 @@ class OnlineAlgorithm(Algorithm):
             m["train_tokens_per_s"] = self._train_tokens / t["train"]
         self.step_metrics.update(m)
         self._timings, self._t_train = {}, None
+
+    # ---- held-out evaluation (the trainer calls eval_metrics(collate(chunk)) under no_grad)
+    def collate(self, examples: list[dict]) -> dict:
+        return {"examples": examples}
+
+    def eval_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One sampled completion per held-out prompt: ``reward/mean`` (when a reward function is configured)
+        and ``completion/mean_length``. Timings of this pass are not counted in the next step's."""
+        saved, self._timings = self._timings, {}
+        try:
+            examples = batch["examples"]
+            ro = self.rollout(examples, num_generations=1)
+            out = {"completion/mean_length": ro.lengths().float().mean()}
+            if self.reward_fn is not None:
+                out["reward/mean"] = self.score(ro, examples).mean()
+            return out
+        finally:
+            self._timings = saved
 
     # ---- state
     def state_dict(self) -> dict:
@@ -307,7 +342,7 @@ class PairDPOAlgorithm(OnlineAlgorithm):
         self.step_metrics["pairs/count"] = float(len(pairs))
         if not pairs:
             self.begin_train_phase(0)
-            return [{"empty": True}]
+            return [micro_batch(None)]
         n = max(1, min(self.cfg.train.grad_accum, len(pairs)))
         size = -(-len(pairs) // n)
         out = []
@@ -316,14 +351,13 @@ class PairDPOAlgorithm(OnlineAlgorithm):
                 batch = pack_pairs(pairs[i:i + size], self.device)
                 with torch.no_grad():
                     ref = sequence_logps(self.ref_module(), batch, pad_id=self.pad_id)
-                out.append({"packed": batch, "ref": ref})
-        self.begin_train_phase(sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))
+                out.append(micro_batch(batch, ref=ref))
+        self.begin_train_phase(sum(mb["packed"].input_ids.numel() for mb in out))
         return out
 
     def compute_loss(self, batch: dict):
-        if batch.get("empty"):
-            zero = sum(p.sum() * 0.0 for p in self.rt.model.parameters() if p.requires_grad)
-            return zero, {}
+        if batch["packed"] is None:
+            return zero_loss(self.rt.model), {}
         sec, packed = self.sec, batch["packed"]
         pi = sequence_logps(self.rt.model, packed, pad_id=self.pad_id)
         ref = batch["ref"]

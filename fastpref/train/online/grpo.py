@@ -31,7 +31,8 @@ import torch
 from fastpref.losses.advantages import group_advantages, overlong_penalty
 from fastpref.losses.policy import LOSS_TYPES, policy_loss, resolve_loss_config
 from fastpref.train.algorithms.base import register_algorithm
-from fastpref.train.online.common import OnlineAlgorithm, OnlineConfig, metrics_float, token_logps
+from fastpref.train.online.common import (OnlineAlgorithm, OnlineConfig, metrics_float, micro_batch, token_logps,
+                                          zero_loss)
 from fastpref.train.rollout import Rollout, pack_rollout, timed
 
 
@@ -142,7 +143,7 @@ class GRPO(OnlineAlgorithm):
         ro, rewards, stats = self.collect(examples)
         if ro is None:  # every group had zero reward variance: nothing to learn from this step
             self.step_metrics.update(metrics_float({**stats, "skipped": 1.0}))
-            return [{"empty": True}]
+            return [micro_batch(None)]
         lengths = ro.lengths()
         if sec.overlong_cache_length is not None:
             rewards = rewards + sec.overlong_coef * overlong_penalty(lengths, gen.max_new_tokens,
@@ -166,16 +167,15 @@ class GRPO(OnlineAlgorithm):
             part = ro.select(idx)
             batch = pack_rollout(part, self.device)
             self._add_timings({"pack": part.timings.get("pack", 0.0) - ro.timings.get("pack", 0.0)})
-            mb = {"packed": batch, "advantages": adv[idx].to(self.device), "old": None, "ref": None,
-                  # dapo: normalise by the token count of the whole step (the trainer divides by len(micro))
-                  "num_items": total_tokens / n_micro}
+            # dapo: normalise by the token count of the whole step (the trainer divides by len(micro))
+            mb = micro_batch(batch, advantages=adv[idx].to(self.device), old=None, ref=None,
+                             num_items=total_tokens / n_micro)
             with timed(self._timings, "old_ref_logps"), torch.no_grad():
                 if sec.num_iterations > 1:
                     mb["old"] = token_logps(self.rt.model, batch, temperature=gen.temperature, pad_id=self.pad_id)
                 if sec.beta > 0:
                     mb["ref"] = token_logps(self.ref_module(), batch, temperature=gen.temperature,
                                             pad_id=self.pad_id)
-            mb["tokens"] = int(batch.completion_lengths.sum())
             out.append(mb)
         return out
 
@@ -185,12 +185,12 @@ class GRPO(OnlineAlgorithm):
             self._buffer = self._new_rollout(examples)
             self._uses_left = self.sec.num_iterations
         self._uses_left -= 1
-        self.begin_train_phase(sum(mb.get("tokens", 0) for mb in self._buffer))
+        self.begin_train_phase(sum(mb["packed"].input_ids.numel() for mb in self._buffer if mb["packed"] is not None))
         return self._buffer
 
     def compute_loss(self, batch: dict):
-        if batch.get("empty"):
-            return sum(p.sum() * 0.0 for p in self.rt.model.parameters() if p.requires_grad), {}
+        if batch["packed"] is None:
+            return zero_loss(self.rt.model), {}
         sec, packed = self.sec, batch["packed"]
         logp, ent = token_logps(self.rt.model, packed, temperature=sec.generation.temperature, entropy=True,
                                 pad_id=self.pad_id)
