@@ -11,6 +11,7 @@ import torch
 
 from fastpref.losses import (FusedLinearCPOLoss, FusedLinearDPOLoss, FusedLinearKTOLoss, FusedLinearORPOLoss,
                              FusedLinearSimPOLoss, cpo_loss, dpo_loss, kto_loss, orpo_loss)
+from fastpref.ops import fused_linear_chunked_loss as fastpref_engine
 from fastpref.testing import assert_close_to_ref
 
 IGN = -100
@@ -117,7 +118,7 @@ def _oracle(kind, opts, seq, lens, ref, tails, kl):
     return orpo_loss(seq[0::2], seq[1::2], lens[0::2], lens[1::2], **opts)
 
 
-def _check_case(case, layout, dtype, impl="torch", chunk_size=12, temperature=0.7, ref_mode="hidden", seed=0,
+def _check_case(case, layout, dtype, impl="torch", chunk_size=24, temperature=0.7, ref_mode="hidden", seed=0,
                 device="cpu", **fused_kw):
     cls, opts, kind = CASES[case]
     paired = kind != "kto"
@@ -166,8 +167,10 @@ def _check_case(case, layout, dtype, impl="torch", chunk_size=12, temperature=0.
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_fused_matches_full_logits_fp32(case, layout):
-    loss_ref, m_ref, dh_ref, dw_ref, loss, m, dh, dw = _check_case(case, layout, torch.float32)
+@pytest.mark.parametrize("engine", ["eager", "recompute"])
+def test_fused_matches_full_logits_fp32(case, layout, engine):
+    engine = "auto" if case == "dpo-aot" else engine  # aot sorts across the batch: never eager
+    loss_ref, m_ref, dh_ref, dw_ref, loss, m, dh, dw = _check_case(case, layout, torch.float32, engine=engine)
     assert loss.dtype == torch.float32 and dh.dtype == torch.float32
     assert_close_to_ref(f"{case}/{layout} loss", loss_ref.detach(), loss, dtype=torch.float32)
     assert_close_to_ref(f"{case}/{layout} dhidden", dh_ref, dh, dtype=torch.float32)
@@ -186,9 +189,16 @@ def test_fused_bf16(case):
     assert_close_to_ref(f"{case} dweight", dw_ref, dw, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 20, 10_000])
-def test_chunking_and_temperature_do_not_change_the_result(chunk_size):
+@pytest.mark.parametrize("chunk_size,eager", [(1, False), (12, False), (20, True), (30, True), (10_000, True)])
+def test_chunking_and_temperature_do_not_change_the_result(chunk_size, eager, monkeypatch):
+    """engine='auto' goes eager when every pair fits the chunk budget (the longest pair here has 20 tokens)."""
+    import fastpref.losses.fused_preference as fp
+
+    calls = []
+    monkeypatch.setattr(fp, "fused_linear_chunked_loss",
+                        lambda *a, **k: calls.append(1) or fastpref_engine(*a, **k))
     a = _check_case("dpo-rpo-rdpo", "packed", torch.float32, chunk_size=chunk_size, temperature=1.3)
+    assert bool(calls) == eager
     assert_close_to_ref("loss", a[0].detach(), a[4], dtype=torch.float32)
     assert_close_to_ref("dhidden", a[2], a[6], dtype=torch.float32)
     assert_close_to_ref("dweight", a[3], a[7], dtype=torch.float32)
@@ -262,6 +272,10 @@ def test_fused_bad_inputs():
         FusedLinearCPOLoss()(hn, w, t)
     with pytest.raises(ValueError, match="unknown loss_type 'nope'; valid values: 'sigmoid', 'hinge', 'ipo', 'simpo'"):
         FusedLinearCPOLoss(loss_type="nope")
+    with pytest.raises(ValueError, match="engine='eager' needs a loss that is separable over pairs"):
+        FusedLinearDPOLoss(loss_type="aot", engine="eager")(h, w, t, ref_logps=(torch.zeros(2), torch.zeros(2)))
+    with pytest.raises(ValueError, match="engine must be 'auto', 'eager' or 'recompute', got 'fast'"):
+        FusedLinearDPOLoss(engine="fast")
     with pytest.raises(ValueError, match="unknown loss_type 'kto_pair'"):
         FusedLinearKTOLoss(loss_type="kto_pair")
     with pytest.raises(ValueError, match="batch size mismatch: labels"):

@@ -8,7 +8,9 @@ calls back here, where they are summed per sequence and handed to the *plain* lo
 ``dhidden``/``dweight`` in the same pass. Every batch-wide quantity the plain loss needs (reference log-probs,
 token counts, the mean chosen length of the SFT/NLL terms, KTO's ``z0``) is computed before the pass, so the sum
 over chunks is exactly the batch loss. ``aot``/``aot_unpaired`` sort across the batch, so they are not separable:
-they run on the recompute engine (``linear_logprobs``) instead, same result, 8NHV instead of 6NHV FLOPs.
+they run on the recompute engine (``linear_logprobs`` + autograd) instead, same result, 8NHV instead of 6NHV
+FLOPs; so does a batch with a pair longer than the chunk budget (``engine="auto"``), which keeps the extra memory
+at one ``[chunk, V]`` tile however long the responses are.
 
 Inputs (the packed-batch convention of the project):
 
@@ -34,6 +36,7 @@ import torch
 from fastpref.losses.preference import (BATCH_COUPLED_DPO_LOSS_TYPES, CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES,
                                         cpo_loss, dpo_loss, kto_loss, orpo_loss)
 from fastpref.ops import fused_linear_chunked_loss, linear_logprobs, plan_chunks, segment_sum
+from fastpref.ops._chunks import default_chunk_rows
 
 Tensor = torch.Tensor
 
@@ -70,6 +73,10 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         skip_unscored: drop the positions whose target is ``ignore_index`` (prompt, padding) before the LM head,
             for the policy and the reference alike: often half the work of a DPO batch. Costs one host sync per
             call (the per-sequence counts of scored tokens); results are identical.
+        engine: ``"eager"`` (chunks of whole pairs, gradients formed in the forward, 6NHV), ``"recompute"``
+            (``linear_logprobs`` + autograd: chunks of any rows, 8NHV), or ``"auto"``: eager unless the loss
+            couples the batch (``aot``) or a pair (sequence, for KTO) is longer than the chunk budget, where an
+            eager chunk would have to exceed the budget's ``[chunk, V]`` tile.
     """
 
     paired = True
@@ -77,7 +84,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 
     def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, impl: str = "auto",
                  chunk_size: int | None = None, reduction: str = "mean", validate: bool = True,
-                 skip_unscored: bool = False):
+                 skip_unscored: bool = False, engine: str = "auto"):
         super().__init__()
         if reduction not in ("mean", "sum"):
             raise ValueError(f"{type(self).__name__}: reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -85,7 +92,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             raise ValueError(f"{type(self).__name__}: temperature must be > 0, got {temperature}")
         self.ignore_index, self.temperature, self.impl = ignore_index, float(temperature), impl
         self.chunk_size, self.reduction, self.validate = chunk_size, reduction, validate
-        self.skip_unscored = skip_unscored
+        if engine not in ("auto", "eager", "recompute"):
+            raise ValueError(f"{type(self).__name__}: engine must be 'auto', 'eager' or 'recompute', got {engine!r}")
+        self.skip_unscored, self.engine = skip_unscored, engine
 
     # -- what a subclass provides -------------------------------------------------------------------------------
     separable = True
@@ -125,16 +134,21 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         denom = float(max(n_units, 1)) if self.reduction == "mean" else 1.0
         common = dict(bias=bias, temperature=self.temperature, ignore_index=self.ignore_index, impl=self.impl)
 
-        if not self.separable:
+        step = 2 if self.paired else 1
+        units = b.bounds[::step]
+        budget = self.chunk_size or default_chunk_rows(weight.shape[0], max(units[-1], 1), b.hidden.device)
+        longest = max((y - x for x, y in zip(units[:-1], units[1:])), default=0)
+        if self.engine == "eager" and not self.separable:
+            raise ValueError(f"{name}: engine='eager' needs a loss that is separable over pairs; this loss type "
+                             "sorts across the batch (use engine='auto' or 'recompute')")
+        if self.engine == "recompute" or not self.separable or (self.engine == "auto" and longest > budget):
             tok = linear_logprobs(b.hidden, weight, b.targets, chunk_size=self.chunk_size,
                                   check_targets=self.validate, **common)
             seq = segment_sum(tok, b.cu)
             tail = segment_sum(tok * b.tail_weight, b.cu) if self.needs_tail else None
             return self.plain(seq, tail, b, slice(None), self.reduction)
 
-        step = 2 if self.paired else 1
-        units = b.bounds[::step]
-        chunks = plan_chunks(units, weight.shape[0], chunk_size=self.chunk_size, device=b.hidden.device)
+        chunks = plan_chunks(units, weight.shape[0], chunk_size=budget, device=b.hidden.device)
         # unit index of each chunk boundary (empty units go to the chunk after them; trailing ones to the last)
         first = [bisect.bisect_left(units, c) for c in chunks[:-1]] + [len(units) - 1]
         local = {}
