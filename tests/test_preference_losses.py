@@ -138,7 +138,7 @@ def test_rpo_weights_rdpo_ldpo_spin():
 
 def test_kto_formula_paired_unpaired_and_kl():
     g = torch.Generator().manual_seed(3)
-    pl, rl = torch.randn(8, generator=g, dtype=torch.float64) - 10, torch.randn(8, generator=g, dtype=torch.float64) - 10
+    pl, rl = (torch.randn(8, generator=g, dtype=torch.float64) - 10 for _ in range(2))
     labels = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
     pk, rk = torch.randn(8, generator=g, dtype=torch.float64) + 1, torch.randn(8, generator=g, dtype=torch.float64)
     x = pl.clone().requires_grad_()
@@ -284,7 +284,7 @@ def _tails(per_tok, mask, P_):
                             ("hinge", 0.0, None, "js_divergence"), ("ipo", 0.0, None, "alpha_divergence"),
                             (["discopop", "sft"], 0.0, None, "alpha_divergence")])
 def test_dpo_matches_trl(lt, eps, ld, fdiv):
-    trl = pytest.importorskip("trl")
+    pytest.importorskip("trl")
     from trl.trainer.dpo_trainer import DPOTrainer
 
     B, T, beta = 8, 12, 0.25

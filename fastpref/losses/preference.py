@@ -339,7 +339,8 @@ def spin_loss(policy_real_logps: Tensor, policy_generated_logps: Tensor, ref_rea
 
 def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor | None = None, *, beta: float = 0.1,
              loss_type: str = "kto", desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-             policy_kl_logps: Tensor | None = None, ref_kl_logps: Tensor | None = None, kl: Tensor | float | None = None,
+             policy_kl_logps: Tensor | None = None, ref_kl_logps: Tensor | None = None,
+             kl: Tensor | float | None = None,
              reduction: str = "mean", validate: bool = True) -> tuple[Tensor, dict]:
     r"""KTO (Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 7), unpaired or paired.
 
