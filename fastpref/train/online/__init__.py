@@ -5,3 +5,4 @@
 """
 
 from fastpref.train.online import grpo  # noqa: F401  (registers the algorithm)
+from fastpref.train.online import ppo  # noqa: F401

@@ -209,6 +209,8 @@ class OnlineAlgorithm(Algorithm):
         self._timings: dict[str, float] = {}
         self._train_tokens = 0
         self._t_train = None
+        self._buffer: list[dict] = []  # the micro-batches of the current rollout
+        self._uses_left = 0  # trainer steps left on the buffered rollout
 
     @property
     def sec(self):
@@ -247,6 +249,24 @@ class OnlineAlgorithm(Algorithm):
         cols = {k: [r.get(k) for r in rows for _ in range(G)] for k in keys}
         with timed(self._timings, "score"):
             return score_rewards(self.reward_fn, ro.prompts, ro.completions, cols, group_size=G)
+
+    def reuse_rollout(self, examples: list[dict], uses: int, build) -> list[dict]:
+        """``build(examples)`` (rollout -> micro-batches) every ``uses`` steps, the buffered micro-batches in
+        between (GRPO's mu iterations, PPO's epochs); the buffer is part of the checkpointed state."""
+        if self._uses_left == 0:
+            self._buffer = build(examples)
+            self._uses_left = uses
+        self._uses_left -= 1
+        self.begin_train_phase(sum(mb["packed"].input_ids.numel() for mb in self._buffer if mb["packed"] is not None))
+        return self._buffer
+
+    @staticmethod
+    def group_slices(n_seqs: int, group_size: int, n_micro: int) -> list[list[int]]:
+        """Sequence indices of up to ``n_micro`` micro-batches made of whole groups."""
+        n_groups = n_seqs // group_size
+        n = max(1, min(n_micro, n_groups))
+        per = -(-n_groups // n)
+        return [list(range(g * group_size, min(n_groups, g + per) * group_size)) for g in range(0, n_groups, per)]
 
     def _add_timings(self, t: dict) -> None:
         for k, v in t.items():
@@ -291,11 +311,12 @@ class OnlineAlgorithm(Algorithm):
 
     # ---- state
     def state_dict(self) -> dict:
-        return {"round": self.round, "rng": self.rng.getstate()}
+        return {"round": self.round, "rng": self.rng.getstate(), "buffer": self._buffer, "uses_left": self._uses_left}
 
     def load_state_dict(self, state: dict) -> None:
         self.round = state["round"]
         self.rng.setstate(state["rng"])
+        self._buffer, self._uses_left = state["buffer"], state["uses_left"]
 
 
 # --------------------------------------------------------------------------------------------- DPO on pairs

@@ -98,8 +98,6 @@ class GRPO(OnlineAlgorithm):
 
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
-        self._buffer: list[dict] = []  # the micro-batches of the current rollout
-        self._uses_left = 0  # trainer steps left on the buffered rollout
         self._pool: list[dict] = []  # prompts seen (refill candidates)
 
     def _remember(self, examples: list[dict]) -> None:
@@ -157,13 +155,11 @@ class GRPO(OnlineAlgorithm):
             "advantages/mean": adv.mean(), "advantages/std": adv.std(), "advantages/abs_max": adv.abs().max(),
             "completion/mean_length": lengths.float().mean(), "completion/max_length": lengths.max(),
             "completion/truncated_frac": torch.tensor(sum(ro.truncated) / len(ro.truncated))}))
-        n_groups = len(ro) // G
-        n_micro = max(1, min(self.cfg.train.grad_accum, n_groups))
-        per = -(-n_groups // n_micro)
+        slices = self.group_slices(len(ro), G, self.cfg.train.grad_accum)
+        n_micro = len(slices)
         total_tokens = float(lengths.sum())
         out = []
-        for g0 in range(0, n_groups, per):
-            idx = list(range(g0 * G, min(n_groups, g0 + per) * G))
+        for idx in slices:
             part = ro.select(idx)
             batch = pack_rollout(part, self.device)
             self._add_timings({"pack": part.timings.get("pack", 0.0) - ro.timings.get("pack", 0.0)})
@@ -181,12 +177,7 @@ class GRPO(OnlineAlgorithm):
 
     def micro_batches(self, examples: list[dict], step: int) -> list[dict]:
         self._remember(examples)
-        if self._uses_left == 0:
-            self._buffer = self._new_rollout(examples)
-            self._uses_left = self.sec.num_iterations
-        self._uses_left -= 1
-        self.begin_train_phase(sum(mb["packed"].input_ids.numel() for mb in self._buffer if mb["packed"] is not None))
-        return self._buffer
+        return self.reuse_rollout(examples, self.sec.num_iterations, self._new_rollout)
 
     def compute_loss(self, batch: dict):
         if batch["packed"] is None:
@@ -203,9 +194,9 @@ class GRPO(OnlineAlgorithm):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd.update({"buffer": self._buffer, "uses_left": self._uses_left, "pool": list(self._pool)})
+        sd["pool"] = list(self._pool)
         return sd
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self._buffer, self._uses_left, self._pool = state["buffer"], state["uses_left"], list(state["pool"])
+        self._pool = list(state["pool"])
