@@ -326,3 +326,23 @@ def test_bias_and_ref_head_and_kto_kl_logps():
         for name, r, x in (("loss", want.detach(), got), ("dh", hl.grad, h.grad), ("dw", wl.grad, w.grad),
                            ("db", bl.grad, b.grad)):
             assert_close_to_ref(f"{kind} {name}", r, x, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_sequence_logps_matches_full_logits(layout):
+    from fastpref.losses import sequence_logps
+
+    seqs = _sequences(6, 5)
+    h64, t, cu, order = _layout(seqs, layout, paired=False)
+    w64 = torch.randn(V, H, generator=torch.Generator().manual_seed(6), dtype=torch.float64) / 2
+    hl = h64.clone().requires_grad_()
+    want, want_n = _naive_seq_logps(hl, w64, t, None if cu is None else cu.tolist(), order, 0.8)
+    want.sum().backward()
+    h = h64.float().requires_grad_()
+    got, n = sequence_logps(h, w64.float(), t, cu_seqlens=cu, temperature=0.8)
+    got.sum().backward()
+    assert_close_to_ref("logps", want.detach(), got, dtype=torch.float32)
+    assert_close_to_ref("dhidden", hl.grad, h.grad, dtype=torch.float32)
+    torch.testing.assert_close(n, want_n.float())
+    with pytest.raises(ValueError, match="cu_seqlens ending at N="):
+        sequence_logps(h64.reshape(-1, H).float(), w64.float(), t.reshape(-1), cu_seqlens=[0, 3])

@@ -3,7 +3,7 @@ from fastpref.losses.preference import (  # noqa: E402  (preference losses, plai
     DPO_LOSS_TYPES, cpo_loss, dpo_loss, kto_loss, orpo_loss, reward_model_loss, simpo_loss, spin_loss)
 from fastpref.losses.fused_preference import (  # noqa: E402  (preference losses, fused forms)
     FusedLinearCPOLoss, FusedLinearDPOLoss, FusedLinearKTOLoss, FusedLinearORPOLoss, FusedLinearPreferenceLoss,
-    FusedLinearSimPOLoss)
+    FusedLinearSimPOLoss, sequence_logps)
 from fastpref.losses.advantages import (  # noqa: E402  (RL advantages and reward shaping)
     gae, group_advantages, kl_penalty_rewards, overlong_penalty, rloo_advantages, whiten)
 from fastpref.losses.policy import (  # noqa: E402  (RL policy losses, plain forms)

@@ -286,6 +286,34 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             b.ref_tail = segment_sum(tok * b.tail_weight, b.cu) if self.needs_tail else None
 
 
+def sequence_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, cu_seqlens: Tensor | Sequence[int] | None = None,
+                   bias: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                   impl: str = "auto", chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-sequence summed log-probs and scored-token counts, straight from hidden states (no full logits).
+
+    ``hidden [B, T, H]`` (one sequence per row, in row order) or packed ``[N, H]`` with ``cu_seqlens``. Returns
+    ``(logps [S] fp32, lengths [S] fp32)``; differentiable through ``linear_logprobs`` (recompute engine). Use it
+    under ``torch.no_grad()`` to precompute reference log-probs, or KTO's mismatched-pair log-probs for ``z0``
+    (``FusedLinearKTOLoss(..., kl_logps=(policy, ref))``).
+    """
+    if cu_seqlens is None:
+        if hidden.dim() != 3 or targets.shape != hidden.shape[:2]:
+            raise ValueError(f"sequence_logps: padded input needs hidden [B, T, H] and targets [B, T]; got "
+                             f"{tuple(hidden.shape)} and {tuple(targets.shape)}")
+        tok = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
+                              impl=impl, chunk_size=chunk_size)
+        return tok.sum(-1), (targets != ignore_index).float().sum(-1)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    cu = torch.as_tensor(cu_seqlens, device=h.device)
+    if cu.dim() != 1 or t.shape[0] != h.shape[0] or int(cu[-1]) != h.shape[0]:  # int(): one sync if cu is on CUDA
+        raise ValueError(f"sequence_logps: packed input needs hidden [N, H], targets [N] and cu_seqlens ending at "
+                         f"N={h.shape[0]}; got {tuple(hidden.shape)}, {tuple(targets.shape)}")
+    tok = linear_logprobs(h, weight, t, bias=bias, temperature=temperature, ignore_index=ignore_index, impl=impl,
+                          chunk_size=chunk_size)
+    return segment_sum(tok, cu), segment_sum((t != ignore_index).float(), cu)
+
+
 class FusedLinearDPOLoss(FusedLinearPreferenceLoss):
     """Fused :func:`~fastpref.losses.preference.dpo_loss` (every TRL loss type, lists with weights, label
     smoothing, f-DPO, R-DPO ``rdpo_alpha``, LD-DPO ``ld_alpha``). Token counts, the SFT term's batch normaliser and the
