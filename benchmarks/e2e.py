@@ -152,7 +152,7 @@ def _flops(rows_key: str, factor: int):
 
 
 GPU_MODEL = dict(V=128256, H=1024, I=4096, L=16, heads=16, kv=4)   # ~0.6B parameters (Llama-3-style vocab)
-CPU_MODEL = dict(V=4096, H=64, I=176, L=2, heads=4, kv=1, dtype="float32")
+CPU_MODEL = dict(V=32000, H=64, I=176, L=2, heads=4, kv=1, dtype="float32")
 
 for _kind, _rows, _gpu, _quick in (
         ("dpo", "B", [dict(GPU_MODEL, B=4, T=1024), dict(GPU_MODEL, B=4, T=2048)], [dict(CPU_MODEL, B=2, T=128)]),

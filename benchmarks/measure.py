@@ -47,12 +47,12 @@ def _glibc():
 
 
 def device_slug(device: torch.device) -> str:
-    """``cpu-x86_64`` or the lower-cased GPU name with non-alphanumerics as dashes (``nvidia-h100-80gb-hbm3``)."""
+    """``cpu-x86_64`` or the lower-cased GPU name with runs of other characters than [a-z0-9_] as dashes (``nvidia-h100-80gb-hbm3``)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu-{platform.machine()}"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-")
 
 
 def device_name(device: torch.device) -> str:

@@ -18,6 +18,7 @@ import math
 import os
 import shlex
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -174,7 +175,7 @@ def plot(op: OpSpec | None, rows: list[dict], path: Path, title: str) -> None:
 
 def write_op_outputs(out: Path, op: OpSpec, rows: list[dict], header: str) -> None:
     write_csv(out / f"{op.name}.csv", rows)
-    (out / f"{op.name}.md").write_text(f"# {op.title}\n\n{header}\n\n{markdown_table(rows)}")
+    (out / f"{op.name}.md").write_text(f"# {op.title}\n\n{header}\n\n{METHOD}\n\n{markdown_table(rows)}")
     plot(op, rows, out / f"{op.name}.png", f"{op.title} - {rows[0]['device'] if rows else ''}")
 
 
@@ -210,6 +211,20 @@ def write_summary(out: Path, header: str) -> Path:
     return path
 
 
+METHOD = ("Time: `triton.testing.do_bench` median (q20-q80) on CUDA, wall-clock median (q20-q80) of `--repeats` "
+          "calls after a warm-up on CPU. Peak extra: CUDA `max_memory_allocated` minus the inputs; CPU resident-set "
+          "high-water mark (`VmHWM` after `clear_refs`) minus `VmRSS` with the inputs alive. TFLOP/s: *useful* counts "
+          "the op's minimal FLOPs (log-probs fwd+bwd 6NHV), *actual* the FLOPs the method really does (8NHV with a "
+          "recompute backward); the fraction of the measured matmul peak uses *actual*. FLOP models: "
+          "`benchmarks/providers.py`.")
+
+
+def _merged_header(out: Path) -> str:
+    """The run lines of every invocation that wrote into ``out`` (each writes ``header-<ops>.md``)."""
+    heads = [p.read_text().strip() for p in sorted(out.glob("header-*.md"))]
+    return "Runs:\n\n" + ("\n".join(dict.fromkeys(heads)) or "- (no run header found)") + "\n\n" + METHOD
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fastpref bench", description=__doc__.split("\n\n")[0])
     _load_e2e()
@@ -222,12 +237,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="output dir (default benchmarks/results/<device>)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds; no new case starts after this (its rows say 'skipped: time budget')")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="only rebuild summary.md from the <op>.csv files in --out (e.g. after merging two parts)")
     args = ap.parse_args(argv)
+    t_start = time.monotonic()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick or device.type != "cuda"
+    if args.summary_only:
+        if args.out is None:
+            ap.error("--summary-only needs --out")
+        print(f"fastpref bench: wrote {write_summary(args.out, _merged_header(args.out))}")
+        return 0
     ops = [OPS[o] for o in (args.op or list(OPS))]
     out = args.out or Path(__file__).resolve().parent / "results" / measure.device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,23 +262,22 @@ def main(argv: list[str] | None = None) -> int:
     peak = measure.matmul_peak_tflops(device, peak_dtype)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "fastpref bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    header = (f"- device: {measure.device_name(device)}\n- date: {now}\n- command: `{cmd.strip()}`\n"
-              f"- measured matmul peak ({str(peak_dtype).replace('torch.', '')} "
-              f"{'8192^3' if device.type == 'cuda' else '1024^3'} torch.mm): {peak:.2f} TFLOP/s\n"
-              f"- time: {'triton do_bench median (q20-q80)' if device.type == 'cuda' else 'wall-clock median (q20-q80) of ' + str(args.repeats) + ' calls after a warm-up'}; "
-              f"peak extra: {'torch.cuda.max_memory_allocated minus the inputs' if device.type == 'cuda' else 'RSS high-water mark (VmHWM after clear_refs) minus RSS with the inputs alive'}\n"
-              f"- TFLOP/s: useful = the op's minimal FLOPs (e.g. 6NHV for log-probs fwd+bwd), actual = FLOPs the "
-              f"method really does (8NHV with a recompute); fraction of matmul peak uses actual. "
-              f"FLOP models: `benchmarks/providers.py`.")
+    header = (f"- `{cmd.strip()}`: {measure.device_name(device)}; {now}; measured matmul peak "
+              f"({str(peak_dtype).replace('torch.', '')} {'8192^3' if device.type == 'cuda' else '1024^3'} torch.mm) "
+              f"{peak:.3g} TFLOP/s")
     print(f"fastpref bench: {measure.device_name(device)}; matmul peak {peak:.2f} TFLOP/s; out {out}")
     for op in ops:
         provs = [p for p in (sel or list(op.providers)) if p in op.providers and p not in skip]
         sizes = (op.quick if quick else op.gpu)[: args.max_cases]
         rows: list[dict] = []
         for params in sizes:
-            rows += run_case(op, params, provs, device, repeats=args.repeats, peak_tflops=peak)
-        if rows:
-            write_op_outputs(out, op, rows, header)
-    summary = write_summary(out, header)
+            if args.time_budget is not None and time.monotonic() - t_start > args.time_budget:
+                rows += [dict(op=op.name, case=case_label(params), provider=p, status="skipped: time budget",
+                              device=measure.device_slug(device)) for p in provs]
+            else:
+                rows += run_case(op, params, provs, device, repeats=args.repeats, peak_tflops=peak)
+            write_op_outputs(out, op, rows, header)  # after every case: a killed run keeps what it measured
+    (out / f"header-{'+'.join(o.name for o in ops)}.md").write_text(header + "\n")
+    summary = write_summary(out, _merged_header(out))
     print(f"fastpref bench: wrote {summary}")
     return 0

@@ -86,12 +86,16 @@ def test_main_writes_csv_markdown_plot_summary(tmp_path):
     for name in ("logprobs.csv", "logprobs.md", "logprobs.png", "summary.md"):
         assert (tmp_path / name).stat().st_size > 0, name
     summary = (tmp_path / "summary.md").read_text()
-    assert "matmul peak" in summary and "fastpref-torch" in summary and "command: `fastpref bench --quick" in summary
+    assert "matmul peak" in summary and "fastpref-torch" in summary and "`fastpref bench --quick" in summary
     with open(tmp_path / "logprobs.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["provider"] for r in rows] == ["torch", "fastpref-torch"]
     assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
     assert float(rows[0]["matmul_peak_tflops"]) > 0
+    # a second invocation (another op) into the same dir: --summary-only merges both runs' lines and tables
+    (tmp_path / "summary.md").unlink()
+    assert runner.main(["--summary-only", "--out", str(tmp_path)]) == 0
+    assert "`fastpref bench --quick" in (tmp_path / "summary.md").read_text()
 
 
 def test_device_slug():
