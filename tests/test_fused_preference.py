@@ -95,6 +95,7 @@ CASES = {
     "kto": (FusedLinearKTOLoss, dict(beta=0.2, desirable_weight=1.3, undesirable_weight=0.7), "kto"),
     "cpo": (FusedLinearCPOLoss, dict(beta=0.2, cpo_alpha=0.5, label_smoothing=0.1), "cpo"),
     "simpo": (FusedLinearSimPOLoss, dict(beta=2.0, simpo_gamma=1.0), "simpo"),
+    "alphapo": (FusedLinearSimPOLoss, dict(beta=2.0, simpo_gamma=1.0, alpha=0.3), "simpo"),
     "orpo": (FusedLinearORPOLoss, dict(beta=0.3), "orpo"),
 }
 

@@ -174,6 +174,10 @@ def test_cpo_simpo_orpo_formulas():
     s, m = simpo_loss(pc, pr, lc, lr, beta=2.0, simpo_gamma=1.0)
     torch.testing.assert_close(s, -ls(2.0 * pc / lcd - 2.0 * pr / lrd - 1.0).mean())
     torch.testing.assert_close(m["rewards/chosen"], (2.0 * pc / lcd).mean())
+    ap, m = simpo_loss(pc, pr, lc, lr, beta=2.0, simpo_gamma=1.0, alpha=0.5)
+    rw, rl_ = (1 - torch.exp(pc / lcd) ** -0.5) / 0.5, (1 - torch.exp(pr / lrd) ** -0.5) / 0.5
+    torch.testing.assert_close(ap, -ls(2.0 * (rw - rl_) - 1.0).mean())  # AlphaPO
+    torch.testing.assert_close(m["rewards/chosen"], (2.0 * rw).mean())
     o, m = orpo_loss(pc, pr, lc, lr, beta=0.25)
     aw, al = pc / lcd, pr / lrd
     log_odds = (aw - torch.log(1 - torch.exp(aw))) - (al - torch.log(1 - torch.exp(al)))
@@ -377,15 +381,16 @@ def test_kto_matches_trl(loss_type):
         assert math.isclose(m[k].item(), tr._metrics["train"][k][-1], rel_tol=1e-9, abs_tol=1e-9), k
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo"])
-def test_cpo_matches_trl(loss_type):
+@pytest.mark.parametrize("loss_type,alpha", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("simpo", 0.0),
+                                             ("simpo", 0.4), ("sigmoid", -0.2)])
+def test_cpo_matches_trl(loss_type, alpha):
     pytest.importorskip("trl")
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
 
     (pc, pr, _, _), lc, lr = _inputs(14, scale=1.0)
     pc, pr = pc / 5, pr / 5
     tr = CPOTrainer.__new__(CPOTrainer)
-    tr.accelerator, tr.alpha, tr.beta, tr.loss_type = _ACC, 0.0, 0.2, loss_type
+    tr.accelerator, tr.alpha, tr.beta, tr.loss_type = _ACC, alpha, 0.2, loss_type
     tr.label_smoothing, tr.simpo_gamma = (0.1 if loss_type in ("sigmoid", "simpo") else 0.0), 0.7
     averaged = loss_type in ("ipo", "simpo")
     a, b = pc.clone().requires_grad_(), pr.clone().requires_grad_()
@@ -393,7 +398,7 @@ def test_cpo_matches_trl(loss_type):
     losses.mean().backward()
     x, y = pc.clone().requires_grad_(), pr.clone().requires_grad_()
     ours, m = cpo_loss(x, y, lc, lr, beta=0.2, loss_type=loss_type, label_smoothing=tr.label_smoothing,
-                       cpo_alpha=0.0, simpo_gamma=0.7)
+                       cpo_alpha=0.0, simpo_gamma=0.7, alpha=alpha)
     ours.backward()
     torch.testing.assert_close(ours, losses.mean())
     torch.testing.assert_close(x.grad, a.grad)

@@ -385,15 +385,16 @@ class FusedLinearKTOLoss(FusedLinearPreferenceLoss):
 
 
 class FusedLinearCPOLoss(FusedLinearPreferenceLoss):
-    """Fused :func:`~fastpref.losses.preference.cpo_loss` (reference-free; sigmoid, hinge, ipo, simpo + NLL)."""
+    """Fused :func:`~fastpref.losses.preference.cpo_loss` (reference-free; sigmoid, hinge, ipo, simpo + NLL;
+    AlphaPO with ``alpha != 0``)."""
 
     needs_ref = False
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 cpo_alpha: float = 1.0, simpo_gamma: float = 0.5, **kwargs):
+                 cpo_alpha: float = 1.0, simpo_gamma: float = 0.5, alpha: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.opts = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, cpo_alpha=cpo_alpha,
-                         simpo_gamma=simpo_gamma)
+                         simpo_gamma=simpo_gamma, alpha=alpha)
         if loss_type not in CPO_LOSS_TYPES:
             raise ValueError(f"{type(self).__name__}: unknown loss_type {loss_type!r}; valid values: "
                              f"{', '.join(map(repr, CPO_LOSS_TYPES))}")
@@ -408,9 +409,10 @@ class FusedLinearCPOLoss(FusedLinearPreferenceLoss):
 class FusedLinearSimPOLoss(FusedLinearCPOLoss):
     """Fused :func:`~fastpref.losses.preference.simpo_loss` (CPO with ``loss_type="simpo"``, ``cpo_alpha=0``)."""
 
-    def __init__(self, beta: float = 0.1, simpo_gamma: float = 0.5, label_smoothing: float = 0.0, **kwargs):
+    def __init__(self, beta: float = 0.1, simpo_gamma: float = 0.5, label_smoothing: float = 0.0, alpha: float = 0.0,
+                 **kwargs):
         super().__init__(beta=beta, loss_type="simpo", label_smoothing=label_smoothing, cpo_alpha=0.0,
-                         simpo_gamma=simpo_gamma, **kwargs)
+                         simpo_gamma=simpo_gamma, alpha=alpha, **kwargs)
 
 
 class FusedLinearORPOLoss(FusedLinearPreferenceLoss):

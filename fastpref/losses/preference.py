@@ -413,7 +413,7 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor | None = No
 
 def cpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor | None = None,
              rejected_lengths: Tensor | None = None, *, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, cpo_alpha: float = 1.0, simpo_gamma: float = 0.5,
+             label_smoothing: float = 0.0, cpo_alpha: float = 1.0, simpo_gamma: float = 0.5, alpha: float = 0.0,
              mean_chosen_length: float | Tensor | None = None, reduction: str = "mean",
              validate: bool = True) -> tuple[Tensor, dict]:
     r"""CPO (Xu et al. 2024, arXiv:2401.08417): reference-free DPO plus a behaviour-cloning NLL on the chosen.
@@ -426,9 +426,13 @@ def cpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_
         simpo    sigmoid form on s - simpo_gamma / beta            (SimPO, see simpo_loss)
         + cpo_alpha * NLL(chosen)   (token mean over the batch's chosen tokens)
 
-    Same as TRL 1.16's ``CPOTrainer.cpo_loss`` + ``cpo_alpha * nll``, except: the NLL is on the scored (completion)
-    tokens, which TRL's CPO also uses; AlphaPO's ``alpha != 0`` reward transform is not implemented.
-    Metrics: ``rewards/*`` = ``beta * logps`` (as TRL), ``logps/*``, ``nll_loss``.
+    AlphaPO (Gupta et al. 2025, arXiv:2501.03884; ``alpha != 0``): each (summed or averaged) log-prob ``l`` is
+    replaced by the reward ``(1 - exp(-alpha l)) / alpha`` (= ``(1 - p^-alpha) / alpha``, -> ``l`` as alpha -> 0)
+    before the loss; TRL's ``loss_type="alphapo"`` is ``simpo`` with ``cpo_alpha=0`` and this ``alpha``.
+
+    Same as TRL 1.16's ``CPOTrainer.cpo_loss`` + ``cpo_alpha * nll`` (NLL on the completion tokens, as TRL's CPO).
+    Metrics: ``rewards/*`` = ``beta * logps`` (AlphaPO: ``beta *`` the transformed rewards, as TRL), ``logps/*``,
+    ``nll_loss``.
     """
     op = "cpo_loss"
     _check_option(op, "loss_type", loss_type, CPO_LOSS_TYPES)
@@ -449,7 +453,11 @@ def cpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_
         c, r = pc / chosen_lengths.to(pc.dtype).clamp(min=1), pr / rejected_lengths.to(pr.dtype).clamp(min=1)
     else:
         c, r = pc, pr
-    s = c - r
+    if alpha:
+        c_r, r_r = -torch.expm1(-alpha * c) / alpha, -torch.expm1(-alpha * r) / alpha
+    else:
+        c_r, r_r = c, r
+    s = c_r - r_r
     eps = label_smoothing
     if loss_type in ("sigmoid", "simpo"):
         z = beta * s - (simpo_gamma if loss_type == "simpo" else 0.0)
@@ -462,25 +470,25 @@ def cpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_
     if cpo_alpha:
         nll = -pc / _mean_chosen_length(op, chosen_lengths, mean_chosen_length).to(pc)
         per = per + cpo_alpha * nll
-    metrics = _pair_metrics(beta * c, beta * r, c, r)
+    metrics = _pair_metrics(beta * c_r, beta * r_r, c, r)
     metrics["nll_loss"] = nll.detach().mean() if nll is not None else pc.new_zeros(()).detach()
     return _reduce(op, per, reduction), metrics
 
 
 def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
                rejected_lengths: Tensor, *, beta: float = 0.1, simpo_gamma: float = 0.5, label_smoothing: float = 0.0,
-               reduction: str = "mean", validate: bool = True) -> tuple[Tensor, dict]:
+               alpha: float = 0.0, reduction: str = "mean", validate: bool = True) -> tuple[Tensor, dict]:
     r"""SimPO (Meng et al. 2024, arXiv:2405.14734, Eq. 6): reference-free, length-normalised, with a target margin.
 
     :math:`-\log\sigma(\frac{\beta}{|y_w|}\log\pi(y_w) - \frac{\beta}{|y_l|}\log\pi(y_l) - \gamma)` (with
     ``label_smoothing`` the conservative form). This is :func:`cpo_loss` with ``loss_type="simpo"`` and
     ``cpo_alpha=0``, exactly what TRL 1.16 runs for SimPO (``CPOTrainer``, ``loss_type="simpo"``, ``cpo_alpha=0``),
     with TRL's defaults ``beta=0.1``, ``simpo_gamma=0.5``; the paper tunes ``beta`` in 2..10 and ``gamma/beta``
-    around 0.5. ``cpo_loss(loss_type="simpo", cpo_alpha>0)`` is CPO-SimPO.
+    around 0.5. ``cpo_loss(loss_type="simpo", cpo_alpha>0)`` is CPO-SimPO; ``alpha != 0`` is AlphaPO.
     """
     return cpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta=beta,
                     loss_type="simpo", label_smoothing=label_smoothing, cpo_alpha=0.0, simpo_gamma=simpo_gamma,
-                    reduction=reduction, validate=validate)
+                    alpha=alpha, reduction=reduction, validate=validate)
 
 
 def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
