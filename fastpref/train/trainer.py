@@ -14,6 +14,12 @@ its own warm-up + cosine/linear schedule. Checkpoints (``checkpoints/step-N``) a
 directory and renamed into place, and hold the trainable weights, optimizer, scheduler, RNG states, the step
 (= data position), the algorithm's state and a copied reference; ``resume=auto`` restarts from the newest one and
 truncates ``metrics.jsonl`` to it, so the continued run ends with the same weights and metrics.
+
+Data parallelism: launched by ``torchrun`` (``WORLD_SIZE > 1``), the process group is initialised (NCCL on
+CUDA, gloo on CPU); each step's global batch is ``batch_size * grad_accum * world_size`` rows, rank ``r`` trains
+on its contiguous share, and gradients are averaged with one all-reduce per step (flattened), so the update
+equals a single process running ``grad_accum * world_size`` micro-batches of the same rows. Logged metrics are
+averaged over ranks; rank 0 writes files. DeepSpeed / FSDP: see ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -55,8 +61,36 @@ class RunResult:
 
 def _device(cfg: Config) -> torch.device:
     if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
     return torch.device(cfg.train.device)
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """``(rank, world_size)``; initialises the default process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """In-place mean over ranks of ``tensors`` (one flattened all-reduce)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for t, f in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.copy_(f)
 
 
 def _seed_all(seed: int) -> None:
@@ -142,9 +176,13 @@ class Trainer:
         self.quiet = quiet
         self.stop_after = stop_after  # tests: stop (as if killed) after this step
         self.out = cfg.output_dir
+        self.rank, self.world = 0, 1
+        self._bar = None
 
     # ---- printing
     def say(self, msg: str) -> None:
+        if self.rank != 0:
+            return
         if self._bar is not None:
             self._bar.write(msg)
         else:
@@ -190,19 +228,22 @@ class Trainer:
         return "lora_base" if self.cfg.model.lora.enabled else "copy"
 
     def _global_batch(self, step: int) -> list[dict]:
+        """This rank's share of the step's global batch (a pure function of seed, step and world size)."""
         n = len(self.train_ex)
-        gbs = self.cfg.train.batch_size * self.cfg.train.grad_accum
+        gbs = self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world
         spe = max(1, n // gbs)
         epoch, j = divmod(step - 1, spe)
         perm = list(range(n))
         random.Random(self.cfg.train.seed * 100003 + epoch).shuffle(perm)
-        return [self.train_ex[i] for i in perm[j * gbs:(j + 1) * gbs]]
+        rows = perm[j * gbs:(j + 1) * gbs]
+        share = -(-len(rows) // self.world)
+        return [self.train_ex[i] for i in rows[self.rank * share:(self.rank + 1) * share]]
 
     def _total_steps(self) -> int:
         t = self.cfg.train
         if t.max_steps:
             return t.max_steps
-        gbs = t.batch_size * t.grad_accum
+        gbs = t.batch_size * t.grad_accum * self.world
         return t.sft_warmup_steps + t.epochs * max(1, len(self.train_ex) // gbs)
 
     # ---- checkpoints
@@ -218,6 +259,9 @@ class Trainer:
         return sorted(out)
 
     def _save(self, step: int) -> None:
+        if self.rank != 0:
+            self._barrier()
+            return
         root = os.path.join(self.out, _CKPT)
         os.makedirs(root, exist_ok=True)
         final = os.path.join(root, f"step-{step}")
@@ -240,6 +284,13 @@ class Trainer:
         if keep:
             for _, old in self._ckpt_dirs()[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def _resume_from(self) -> str | None:
         r = self.cfg.resume
@@ -308,6 +359,8 @@ class Trainer:
         return {f"eval/{k}": v for k, v in _mean_metrics(items).items()}
 
     def _write(self, record: dict) -> None:
+        if self.rank != 0:
+            return
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -330,20 +383,26 @@ class Trainer:
         t0 = time.time()
         load_builtin_algorithms()
         algo_cls = ALGORITHMS[cfg.algorithm]
+        if cfg.data.pack:
+            raise ConfigError("data.pack=true: packed batches are not wired into the trainer yet; use data.pack=false "
+                              "(padded batches)")
         self.device = _device(cfg)
+        self.rank, self.world = _init_distributed(self.device)
         _seed_all(cfg.train.seed)
         tokenizer = build_tokenizer(cfg)
         self._load_data(algo_cls, tokenizer)            # bad data stops the run here, before any training
         ref_mode = self._reference_mode(algo_cls)
-        os.makedirs(self.out, exist_ok=True)
-        with open(os.path.join(self.out, "config.yaml"), "w") as fh:
-            fh.write(dump_config(cfg))
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         resume_path = self._resume_from()
-        if resume_path is None and cfg.resume in ("none", "auto"):
-            if os.path.exists(self.metrics_path):
-                os.remove(self.metrics_path)
-            shutil.rmtree(os.path.join(self.out, _CKPT), ignore_errors=True)
+        if self.rank == 0:
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "config.yaml"), "w") as fh:
+                fh.write(dump_config(cfg))
+            if resume_path is None and cfg.resume in ("none", "auto"):
+                if os.path.exists(self.metrics_path):
+                    os.remove(self.metrics_path)
+                shutil.rmtree(os.path.join(self.out, _CKPT), ignore_errors=True)
+        self._barrier()
 
         self.model = build_model(cfg, tokenizer, algo_cls.model_kind).to(self.device)
         self.model.train()
@@ -363,7 +422,8 @@ class Trainer:
         start = 0
         if resume_path is not None:
             start = self._load(resume_path)
-            self._truncate_metrics(start)
+            if self.rank == 0:
+                self._truncate_metrics(start)
             self.say(f"resumed from {resume_path} (step {start})")
         warm = cfg.train.sft_warmup_steps
         if not self.ref_taken and start >= warm:
@@ -371,13 +431,14 @@ class Trainer:
         self.algo.on_train_start()
 
         self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if self.rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(self.out, "tensorboard"))
-        except ImportError:
-            pass
-        if not self.quiet:
+                self.tb = SummaryWriter(os.path.join(self.out, "tensorboard"))
+            except ImportError:
+                pass
+        if not self.quiet and self.rank == 0:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, initial=start, desc=cfg.algorithm, dynamic_ncols=True)
@@ -407,6 +468,11 @@ class Trainer:
                 loss, metrics = algo.compute_loss(mb)
                 (loss / len(micro)).backward()
                 items.append((mb["input_ids"].shape[0], {"loss": loss.detach(), **metrics}))
+            if self.world > 1:
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                _all_reduce_mean(grads)
+                for p, g in zip(params, grads):
+                    p.grad = g
             gnorm = None
             if o.max_grad_norm is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
@@ -418,7 +484,7 @@ class Trainer:
 
             if step % cfg.train.log_every == 0 or step == total:
                 rec = {"step": step, "phase": "sft_warmup" if in_warmup else cfg.algorithm,
-                       **_mean_metrics(items), "lr": lr}
+                       **self._ranks_mean(_mean_metrics(items)), "lr": lr}
                 if gnorm is not None:
                     rec["grad_norm"] = float(gnorm)
                 rec.update({k: float(v) for k, v in algo.step_metrics.items()})
@@ -451,7 +517,11 @@ class Trainer:
                 return RunResult(step, last_train, last_eval, time.time() - t0, self.out)
 
         self._close()
+        if self.rank != 0:
+            self._barrier()
+            return RunResult(total, last_train, last_eval, time.time() - t0, self.out)
         self._save_final(tokenizer)
+        self._barrier()
         if cfg.train.plots:
             from fastpref.train.plots import plot_metrics
 
@@ -464,6 +534,15 @@ class Trainer:
         else:
             print(f"done: step {total}, {secs:.1f}s -> {self.out}", flush=True)
         return RunResult(total, last_train, last_eval, secs, self.out)
+
+    def _ranks_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``metrics`` averaged over ranks (every rank logs the same keys: same algorithm, same batch shape)."""
+        if self.world == 1 or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        _all_reduce_mean([t])
+        return dict(zip(keys, t.tolist()))
 
     def _close(self) -> None:
         if self._bar is not None:
