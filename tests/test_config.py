@@ -102,3 +102,13 @@ def test_cli_help_print_config_and_errors(capsys, tmp_path):
     assert err.startswith("fastpref: error: ") and "loss.beta" in err and "Traceback" not in err
     assert main([str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_every_example_config_loads():
+    import glob
+
+    paths = sorted(glob.glob("examples/*.yaml"))
+    assert "examples/dpo_smollm2.yaml" in paths
+    for p in paths:
+        cfg = load_config(p)
+        assert cfg.output_dir.startswith("runs/"), p
