@@ -332,8 +332,8 @@ class PairDPOConfig(OnlineConfig):
     steps_per_iteration: int = 10
     """Optimizer steps per iteration; after each iteration the reference becomes the current policy."""
     length_alpha: float = 0.0
-    """Length regularisation: R-DPO's ``alpha`` (``dpo_loss(rdpo_alpha=...)``), as in iterative
-    length-regularised DPO (Liu et al. 2024); 0: off."""
+    """Length regularisation: R-DPO's ``alpha`` (Park et al. 2024; ``dpo_loss(rdpo_alpha=...)`` adds
+    ``alpha * (|y_w| - |y_l|)`` to the pair logit, so length alone earns no margin); 0: off."""
 
     def validate(self) -> None:
         super().validate()
@@ -343,6 +343,9 @@ class PairDPOConfig(OnlineConfig):
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not (isinstance(self.steps_per_iteration, int) and self.steps_per_iteration >= 1):
             raise ValueError(f"steps_per_iteration must be an int >= 1, got {self.steps_per_iteration!r}")
+        one = torch.zeros(1)  # let the loss reject bad option combinations now, not at the first step
+        dpo_loss(one, one, one, one, beta=self.beta, loss_type=self.loss_type, chosen_lengths=one + 1,
+                 rejected_lengths=one + 1, rdpo_alpha=self.length_alpha)
 
 
 class PairDPOAlgorithm(OnlineAlgorithm):
@@ -354,6 +357,8 @@ class PairDPOAlgorithm(OnlineAlgorithm):
     """
 
     needs_reference = True
+    pair_loss = staticmethod(dpo_loss)
+    """The pair objective (``dpo_loss``; SPIN uses ``spin_loss``), called on per-sequence log-probs."""
 
     def make_pairs(self, examples: list[dict]) -> list[Pair]:
         raise NotImplementedError
@@ -383,10 +388,9 @@ class PairDPOAlgorithm(OnlineAlgorithm):
         pi = sequence_logps(self.rt.model, packed, pad_id=self.pad_id)
         ref = batch["ref"]
         lens = packed.completion_lengths.float()
-        loss, m = dpo_loss(pi[0::2], pi[1::2], ref[0::2], ref[1::2], beta=sec.beta, loss_type=sec.loss_type,
-                           chosen_lengths=lens[0::2], rejected_lengths=lens[1::2], rdpo_alpha=sec.length_alpha,
-                           validate=False)
-        return loss, m
+        return self.pair_loss(pi[0::2], pi[1::2], ref[0::2], ref[1::2], beta=sec.beta, loss_type=sec.loss_type,
+                              chosen_lengths=lens[0::2], rejected_lengths=lens[1::2], rdpo_alpha=sec.length_alpha,
+                              validate=False)
 
     def on_step_end(self, step: int) -> None:
         super().on_step_end(step)
@@ -398,12 +402,3 @@ class PairDPOAlgorithm(OnlineAlgorithm):
         """Reference <- current policy; next round."""
         self.rt.reference.refresh(self.rt.model)
         self.round += 1
-
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["reference"] = {k: v.detach().clone() for k, v in self.ref_module().state_dict().items()}
-        return sd
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.ref_module().load_state_dict(state["reference"])
