@@ -428,3 +428,38 @@ def test_orpo_odds_ratio_matches_trl():
     torch.testing.assert_close(y.grad, b.grad, **kw)
     torch.testing.assert_close(m["log_odds_ratio"], ratio.double(), **kw)
     torch.testing.assert_close(m["log_odds_chosen"], log_odds.double(), **kw)
+
+
+@pytest.mark.parametrize("with_margin,center", [(False, None), (True, 0.01)])
+def test_reward_model_matches_trl(with_margin, center):
+    pytest.importorskip("trl")
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    g = torch.Generator().manual_seed(16)
+    scores = (torch.randn(2 * P, 1, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    margin = torch.rand(P, generator=g, dtype=torch.float64)
+
+    class ValueHeadStandIn:
+        training = True
+
+        def __call__(self, **kw):
+            return SimpleNamespace(logits=scores)
+
+    tr = RewardTrainer.__new__(RewardTrainer)
+    _trl_common(tr)
+    tr.model = ValueHeadStandIn()
+    tr.args = SimpleNamespace(center_rewards_coefficient=center)
+    inputs = {"input_ids": torch.zeros(2 * P, 3, dtype=torch.long), "attention_mask": torch.ones(2 * P, 3)}
+    if with_margin:
+        inputs["margin"] = margin
+    trl_loss = tr.compute_loss(tr.model, inputs)
+    (trl_grad,) = torch.autograd.grad(trl_loss, scores)
+
+    s = scores.detach().clone().requires_grad_()
+    loss, m = reward_model_loss(s[:P, 0], s[P:, 0], margin=margin if with_margin else None,
+                                center_rewards_coefficient=center)
+    loss.backward()
+    torch.testing.assert_close(loss, trl_loss)
+    torch.testing.assert_close(s.grad, trl_grad)
+    for k in ("accuracy", "margin"):
+        assert math.isclose(m[k].item(), tr._metrics["train"][k][-1], rel_tol=1e-9, abs_tol=1e-9), k
