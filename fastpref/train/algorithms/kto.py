@@ -24,6 +24,11 @@ class KTO(Algorithm):
         super().__init__(cfg, rt)
         from fastpref.losses.fused_preference import FusedLinearKTOLoss
 
+        if rt.reference is not None and rt.reference.mode == "precompute":
+            # z0 needs reference log-probs of mismatched pairs that change with every batch: not cacheable
+            raise ValueError("reference.mode=precompute is not supported for KTO (its reference point needs the "
+                             "reference on mismatched pairs); use copy or lora_base")
+
         lc = cfg.loss
         self.loss_fn = FusedLinearKTOLoss(beta=lc.beta, loss_type=self.loss_type,
                                           desirable_weight=lc.desirable_weight,
