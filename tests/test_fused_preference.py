@@ -347,3 +347,26 @@ def test_sequence_logps_matches_full_logits(layout):
     torch.testing.assert_close(n, want_n.float())
     with pytest.raises(ValueError, match="cu_seqlens ending at N="):
         sequence_logps(h64.reshape(-1, H).float(), w64.float(), t.reshape(-1), cu_seqlens=[0, 3])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "nca_pair", "robust", "discopop"])
+def test_fused_dpo_matches_liger(loss_type):
+    """Liger's fused linear DPO (padded, TRL order, reference hidden states) as a second, independent oracle."""
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    h64, t, _, _ = _layout(_sequences(6, 7), "padded", True)
+    g = torch.Generator().manual_seed(8)
+    h, rh = h64.float(), (h64 + 0.3 * torch.randn(h64.shape, generator=g, dtype=torch.float64)).float()
+    w = torch.randn(V, H, generator=g) / 2
+    eps = 0.1 if loss_type == "robust" else 0.0
+    a, wa = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = LigerFusedLinearDPOLoss(beta=0.2, loss_type=loss_type, label_smoothing=eps, compiled=False)(
+        wa, a, t, ref_input=rh, ref_weight=w)
+    (out[0] if isinstance(out, tuple) else out).backward()
+    b, wb = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = FusedLinearDPOLoss(beta=0.2, loss_type=loss_type, label_smoothing=eps)(b, wb, t, ref_hidden=rh)
+    loss.backward()
+    torch.testing.assert_close(loss, (out[0] if isinstance(out, tuple) else out).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(wb.grad, wa.grad, rtol=1e-4, atol=1e-6)
