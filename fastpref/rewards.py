@@ -188,11 +188,25 @@ def score_rewards(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequ
     return torch.tensor([float(v) for v in vals], dtype=torch.float32)
 
 
+def reward_model_scores(model, ids: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Scalar score ``[B]`` (fp32) of each token sequence under a sequence-classification reward model
+    (``num_labels == 1``; right-padded batch, the model reads its last non-padding token). Differentiable unless
+    called under ``torch.no_grad``."""
+    dev = next(model.parameters()).device
+    width = max(len(x) for x in ids)
+    inp = torch.tensor([list(x) + [pad_id] * (width - len(x)) for x in ids], device=dev)
+    att = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=dev)
+    logits = model(input_ids=inp, attention_mask=att).logits
+    if logits.dim() != 2 or logits.shape[1] != 1:
+        raise ValueError(f"reward model must output one score per sequence ([B, 1] logits), got {tuple(logits.shape)}")
+    return logits[:, 0].float()
+
+
 class RewardModelScorer:
     """Wrap a sequence-classification reward model (``num_labels == 1``) as a reward function.
 
-    ``scorer(prompts, completions)`` tokenises ``prompt + completion`` (right-padded batches of ``batch_size``)
-    and returns the model's scalar score per completion. Runs in ``torch.no_grad`` and eval mode.
+    ``scorer(prompts, completions)`` tokenises ``prompt + completion`` (batches of ``batch_size``, ``max_length``
+    keeps the last tokens) and returns the model's scalar score per completion, in ``torch.no_grad`` and eval mode.
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int | None = None):
@@ -204,22 +218,14 @@ class RewardModelScorer:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> list[float]:
         texts = [p + c for p, c in zip(prompts, completions)]
-        dev = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         was_training = self.model.training
         self.model.eval()
         out: list[float] = []
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for s in range(0, len(texts), self.batch_size):
             ids = [list(self.tokenizer.encode(t, add_special_tokens=False)) for t in texts[s:s + self.batch_size]]
             if self.max_length:
                 ids = [x[-self.max_length:] for x in ids]
-            width = max(len(x) for x in ids)
-            inp = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=dev)
-            att = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=dev)
-            logits = self.model(input_ids=inp, attention_mask=att).logits
-            if logits.dim() != 2 or logits.shape[1] != 1:
-                raise ValueError(f"RewardModelScorer: model must output one score per sequence ([B, 1] logits), "
-                                 f"got {tuple(logits.shape)}")
-            out.extend(logits[:, 0].float().cpu().tolist())
+            out.extend(reward_model_scores(self.model, ids, pad).cpu().tolist())
         self.model.train(was_training)
         return out

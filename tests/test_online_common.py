@@ -58,7 +58,7 @@ def run_steps(algo, examples, steps: int, *, lr: float = 1e-2, batch_size: int =
     for step in range(start, start + steps):
         batch = [examples[(step * batch_size + i) % len(examples)] for i in range(batch_size)]
         algo.step_metrics = {}
-        micro = algo.micro_batches(batch, step)
+        micro = algo.micro_batches(batch, step + 1)  # the trainer counts steps from 1
         opt.zero_grad(set_to_none=True)
         metrics = {}
         for mb in micro:

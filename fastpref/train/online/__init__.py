@@ -7,3 +7,4 @@
 from fastpref.train.online import grpo  # noqa: F401  (registers the algorithm)
 from fastpref.train.online import ppo  # noqa: F401
 from fastpref.train.online import dice, online_dpo, self_rewarding, spin  # noqa: F401
+from fastpref.train.online import apo  # noqa: F401
