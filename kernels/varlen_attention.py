@@ -43,12 +43,22 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _mm(a, b, DOT_FP32: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; exact fp32 products when ``DOT_FP32`` (fp32 inputs: no tf32; and under
+    the CPU interpreter, whose bf16/fp16 dot is wrong -- the operands are already rounded to the input dtype)."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _fwd_tile(q, m_i, l_i, acc, K, V, k_tok, kvh, stride_kt, stride_kh, stride_vt, stride_vh,
-              offs_d, d_ok, mask, n_ok, qk_scale_log2):
+              offs_d, d_ok, mask, n_ok, qk_scale_log2, DOT_FP32: tl.constexpr):
     """Fold one key block (absolute token indices ``k_tok``) into the running softmax state of a query block."""
     k = tl.load(K + k_tok[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
                 mask=n_ok[None, :] & d_ok[:, None], other=0.0)                       # [BLOCK_D, BLOCK_N]
-    s = tl.dot(q, k) * qk_scale_log2                                                # base-2 scaled scores
+    s = _mm(q, k, DOT_FP32) * qk_scale_log2                                                # base-2 scaled scores
     s = tl.where(mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                          # rows with no key yet
@@ -57,7 +67,7 @@ def _fwd_tile(q, m_i, l_i, acc, K, V, k_tok, kvh, stride_kt, stride_kh, stride_v
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(V + k_tok[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)                       # [BLOCK_N, BLOCK_D]
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_FP32)
     return m_new, l_i, acc
 
 
@@ -76,6 +86,7 @@ def _fwd_kernel(
     group,                     # Hq // Hkv
     head_dim,                  # D (<= BLOCK_D)
     CAUSAL: tl.constexpr,      # mask keys after the query within the own segment
+    DOT_FP32: tl.constexpr,    # exact fp32 dots (fp32 inputs, or the CPU interpreter)
     HAS_PREFIX: tl.constexpr,  # also attend fully to [PK_START[s], PK_END[s])
     BLOCK_M: tl.constexpr,     # queries per program
     BLOCK_N: tl.constexpr,     # keys per inner step
@@ -108,7 +119,7 @@ def _fwd_kernel(
             k_tok = n0 + offs_n
             n_ok = k_tok < pe
             m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, K, V, k_tok, kvh, stride_kt, stride_kh, stride_vt,
-                                      stride_vh, offs_d, d_ok, n_ok[None, :], n_ok, qk_scale_log2)
+                                      stride_vh, offs_d, d_ok, n_ok[None, :], n_ok, qk_scale_log2, DOT_FP32)
     hi = L
     if CAUSAL:
         hi = tl.minimum(L, m0 + BLOCK_M)  # blocks above the diagonal are skipped
@@ -119,7 +130,7 @@ def _fwd_kernel(
         if CAUSAL:
             mask = mask & (offs_m[:, None] >= kn[None, :])
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, K, V, start + kn, kvh, stride_kt, stride_kh, stride_vt,
-                                  stride_vh, offs_d, d_ok, mask, n_ok, qk_scale_log2)
+                                  stride_vh, offs_d, d_ok, mask, n_ok, qk_scale_log2, DOT_FP32)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(O + (start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -147,19 +158,19 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_kv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_tok, h, mask, m_ok, offs_d, d_ok,
-                 stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, qk_scale_log2):
+                 stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, qk_scale_log2, DOT_FP32: tl.constexpr):
     """Accumulate one query block's contribution to a key block's dK (unscaled) and dV."""
     ld = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + q_tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=ld, other=0.0)
     do = tl.load(DO + q_tok[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=ld, other=0.0)
     lse = tl.load(LSE + h * stride_lh + q_tok, mask=m_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + h * stride_lh + q_tok, mask=m_ok, other=0.0)
-    s = tl.dot(q, tl.trans(k)) * qk_scale_log2                                      # [BLOCK_M, BLOCK_N]
+    s = _mm(q, tl.trans(k), DOT_FP32) * qk_scale_log2                                      # [BLOCK_M, BLOCK_N]
     p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-    dp = tl.dot(do, tl.trans(v))
+    dv += _mm(tl.trans(p.to(do.dtype)), do, DOT_FP32)
+    dp = _mm(do, tl.trans(v), DOT_FP32)
     ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT_FP32)
     return dk, dv
 
 
@@ -176,7 +187,7 @@ def _bwd_dkdv_kernel(
     n_kv_heads,                # Hkv
     group,                     # Hq // Hkv: q heads summed into this kv head, in order
     head_dim,
-    CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, HAS_PREFIX: tl.constexpr,
     BLOCK_M: tl.constexpr,     # queries per inner step
     BLOCK_N: tl.constexpr,     # keys per program
     BLOCK_D: tl.constexpr,
@@ -215,14 +226,14 @@ def _bwd_dkdv_kernel(
             if CAUSAL:
                 mask = mask & (qm[:, None] >= offs_n[None, :])
             dk, dv = _bwd_kv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, start + qm, h, mask, m_ok, offs_d, d_ok,
-                                  stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, qk_scale_log2)
+                                  stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, qk_scale_log2, DOT_FP32)
         if HAS_PREFIX:  # the child segments' queries see this prefix block fully
             for m0 in range(qs, qe, BLOCK_M):
                 q_tok = m0 + offs_m
                 m_ok = q_tok < qe
                 dk, dv = _bwd_kv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_tok, h, m_ok[:, None] & n_ok[None, :],
                                       m_ok, offs_d, d_ok, stride_qt, stride_qh, stride_dot, stride_doh,
-                                      stride_lh, qk_scale_log2)
+                                      stride_lh, qk_scale_log2, DOT_FP32)
     dk = dk * softmax_scale
     tl.store(DK + (start + offs_n)[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=ld)
@@ -232,16 +243,16 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_q_tile(dq, q, do, lse, delta, K, V, k_tok, kvh, mask, n_ok, offs_d, d_ok,
-                stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2):
+                stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2, DOT_FP32: tl.constexpr):
     """Accumulate one key block's contribution to a query block's dQ (unscaled)."""
     ld = n_ok[:, None] & d_ok[None, :]
     k = tl.load(K + k_tok[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=ld, other=0.0)
     v = tl.load(V + k_tok[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=ld, other=0.0)
-    s = tl.dot(q, tl.trans(k)) * qk_scale_log2
+    s = _mm(q, tl.trans(k), DOT_FP32) * qk_scale_log2
     p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v))
+    dp = _mm(do, tl.trans(v), DOT_FP32)
     ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k)
+    dq += _mm(ds.to(k.dtype), k, DOT_FP32)
     return dq
 
 
@@ -255,7 +266,7 @@ def _bwd_dq_kernel(
     stride_dot, stride_doh, stride_dqt, stride_dqh,
     stride_lh,
     n_q_heads, group, head_dim,
-    CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, HAS_PREFIX: tl.constexpr,
     BLOCK_M: tl.constexpr,     # queries per program
     BLOCK_N: tl.constexpr,     # keys per inner step
     BLOCK_D: tl.constexpr,
@@ -289,7 +300,7 @@ def _bwd_dq_kernel(
             k_tok = n0 + offs_n
             n_ok = k_tok < pe
             dq = _bwd_q_tile(dq, q, do, lse, delta, K, V, k_tok, kvh, m_ok[:, None] & n_ok[None, :], n_ok,
-                             offs_d, d_ok, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2)
+                             offs_d, d_ok, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2, DOT_FP32)
     hi = L
     if CAUSAL:
         hi = tl.minimum(L, m0 + BLOCK_M)
@@ -300,7 +311,7 @@ def _bwd_dq_kernel(
         if CAUSAL:
             mask = mask & (offs_m[:, None] >= kn[None, :])
         dq = _bwd_q_tile(dq, q, do, lse, delta, K, V, start + kn, kvh, mask, n_ok, offs_d, d_ok,
-                         stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2)
+                         stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2, DOT_FP32)
     dq = dq * softmax_scale
     tl.store(DQ + q_tok[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=ld)
@@ -316,6 +327,10 @@ def _blocks(head_dim: int, *, backward: bool) -> tuple[int, int, int, int]:
     if backward:
         return (64, 64, block_d, 4) if block_d <= 64 else (32, 64, block_d, 4)
     return (128, 64, block_d, 8) if block_d <= 64 else (64, 64, block_d, 4)
+
+
+def _dot_fp32(q: torch.Tensor) -> bool:
+    return q.dtype == torch.float32 or triton_interpret()
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[int, int, int]:
@@ -363,7 +378,7 @@ def varlen_attn_fwd(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, 
         q, k, v, out, lse, cu_seqlens, pk_start, pk_end, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), hq, hq // k.shape[1], d,
-        CAUSAL=causal, HAS_PREFIX=prefix is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+        CAUSAL=causal, DOT_FP32=_dot_fp32(q), HAS_PREFIX=prefix is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
     )
     return out, lse
 
@@ -393,14 +408,14 @@ def varlen_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softma
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
         hkv, hq // hkv, d,
-        CAUSAL=causal, HAS_PREFIX=has_prefix, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+        CAUSAL=causal, DOT_FP32=_dot_fp32(q), HAS_PREFIX=has_prefix, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
     )
     _bwd_dq_kernel[(triton.cdiv(max_seqlen, bm), n_seq * hq)](
         q, k, v, dout, lse, delta, dq, cu_seqlens, pk_start, pk_end, softmax_scale, scale_log2,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
         hq, hq // hkv, d,
-        CAUSAL=causal, HAS_PREFIX=has_prefix, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+        CAUSAL=causal, DOT_FP32=_dot_fp32(q), HAS_PREFIX=has_prefix, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
     )
     return dq, dk, dv
 
