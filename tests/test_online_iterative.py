@@ -85,7 +85,7 @@ def test_spin_end_to_end_gold_is_chosen_and_generated_by_the_opponent():
     b = mb["packed"]
     tok = algo.rt.tokenizer
     for i in range(b.completion_lengths.numel() // 2):   # chosen = the gold answer + EOS
-        s, e = b.cu_seqlens_cpu[2 * i], b.cu_seqlens_cpu[2 * i + 1]
+        e = b.cu_seqlens_cpu[2 * i + 1]
         n_c = int(b.completion_lengths[2 * i])
         assert tok.decode(b.input_ids[e - n_c:e].tolist()) in {r["answer"] for r in rows}
     hist, _ = run_steps(algo, ex, 3, batch_size=4, lr=1e-2)

@@ -4,7 +4,4 @@
 (iterative DPO), ``self_rewarding``, ``spin``, ``dice`` and ``apo``. See ``docs/online.md``.
 """
 
-from fastpref.train.online import grpo  # noqa: F401  (registers the algorithm)
-from fastpref.train.online import ppo  # noqa: F401
-from fastpref.train.online import dice, online_dpo, self_rewarding, spin  # noqa: F401
-from fastpref.train.online import apo  # noqa: F401
+from fastpref.train.online import apo, dice, grpo, online_dpo, ppo, self_rewarding, spin  # noqa: F401  (register)

@@ -9,7 +9,8 @@ Per step (Shao et al. 2024, arXiv:2402.03300; TRL's ``GRPOTrainer``):
    gradient, so they are dropped and more prompts are drawn and generated (at most ``max_refill_rounds``
    extra rollouts) until the batch holds ``prompts_per_step`` informative groups (or whatever was found);
 3. advantages: ``group_advantages`` (``scale_rewards`` group / batch / none);
-4. train: ``num_iterations`` (mu) updates on the rollout with ``policy_loss`` of ``loss_type``. With mu > 1
+4. train: ``num_iterations`` (mu) updates on the rollout with the fused ``FusedLinearPolicyLoss`` of
+   ``loss_type`` (hidden states + LM head, eager chunked engine: the logits never exist). With mu > 1
    the sampling policy's log-probs are computed once, in ``no_grad``, by the fused LM-head op; with mu = 1 the
    on-policy shortcut (ratio ``exp(logp - sg[logp])``) needs no extra forward, as TRL. ``beta > 0`` adds the
    per-token KL to a frozen reference (its log-probs also from the fused op in ``no_grad``).
@@ -29,11 +30,13 @@ from dataclasses import dataclass
 import torch
 
 from fastpref.losses.advantages import group_advantages, overlong_penalty
-from fastpref.losses.policy import LOSS_TYPES, policy_loss, resolve_loss_config
+from fastpref.losses.fused_policy import FusedLinearPolicyLoss
+from fastpref.losses.policy import LOSS_TYPES, resolve_loss_config
 from fastpref.train.algorithms.base import register_algorithm
+from fastpref.train.modeling import lm_head
 from fastpref.train.online.common import (OnlineAlgorithm, OnlineConfig, metrics_float, micro_batch, token_logps,
                                           zero_loss)
-from fastpref.train.rollout import Rollout, pack_rollout, timed
+from fastpref.train.rollout import Rollout, pack_rollout, policy_hidden, timed
 
 
 @dataclass
@@ -99,6 +102,11 @@ class GRPO(OnlineAlgorithm):
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
         self._pool: list[dict] = []  # prompts seen (refill candidates)
+        sec = self.sec
+        self.loss_fn = FusedLinearPolicyLoss(
+            sec.loss_type, eps_low=sec.epsilon_low, eps_high=sec.epsilon_high, beta=sec.beta,
+            kl_estimator=sec.kl_estimator, delta=sec.delta, max_completion_length=sec.generation.max_new_tokens,
+            entropy_coef=sec.entropy_coef, temperature=sec.generation.temperature)
 
     def _remember(self, examples: list[dict]) -> None:
         self._pool.extend({"prompt_ids": ex["prompt_ids"], "row": ex.get("row", {})} for ex in examples)
@@ -182,15 +190,11 @@ class GRPO(OnlineAlgorithm):
     def compute_loss(self, batch: dict):
         if batch["packed"] is None:
             return zero_loss(self.rt.model), {}
-        sec, packed = self.sec, batch["packed"]
-        logp, ent = token_logps(self.rt.model, packed, temperature=sec.generation.temperature, entropy=True,
-                                pad_id=self.pad_id)
-        return policy_loss(logp, batch["old"], batch["advantages"], packed.mask, loss_type=sec.loss_type,
-                           eps_low=sec.epsilon_low, eps_high=sec.epsilon_high, ref_logps=batch["ref"], beta=sec.beta,
-                           kl_estimator=sec.kl_estimator, delta=sec.delta,
-                           max_completion_length=sec.generation.max_new_tokens,
-                           num_items_in_batch=batch["num_items"], entropy=ent, entropy_coef=sec.entropy_coef,
-                           cu_seqlens=packed.cu_seqlens)
+        packed = batch["packed"]
+        w, b = lm_head(self.rt.model)
+        return self.loss_fn(policy_hidden(self.rt.model, packed, self.pad_id), w, packed.targets, batch["advantages"],
+                            cu_seqlens=packed.cu_seqlens_cpu, old_logps=batch["old"], ref_logps=batch["ref"], bias=b,
+                            num_items_in_batch=batch["num_items"], need_entropy=True)
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
