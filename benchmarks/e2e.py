@@ -30,7 +30,8 @@ def _model(p: dict, device: torch.device):
                       num_attention_heads=p["heads"], num_key_value_heads=p["kv"], max_position_embeddings=p["T"],
                       tie_word_embeddings=False, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=getattr(torch, p.get("dtype", "bfloat16")))
+    with torch.device(device):  # initialise on the device: a CPU init of a 0.6B model takes many seconds
+        model = LlamaForCausalLM(cfg).to(dtype=getattr(torch, p.get("dtype", "bfloat16")))
     model.train()
     return model
 
@@ -143,7 +144,8 @@ def _hidden(model, x):
 
 
 def _params(p):
-    return p["L"] * (4 * p["H"] ** 2 * (1 + p["kv"] / p["heads"]) / 2 + 3 * p["H"] * p["I"]) + 2 * p["V"] * p["H"]
+    """Matmul parameters: attention projections, MLP, LM head (the input embedding is a lookup, no FLOPs)."""
+    return p["L"] * (2 * p["H"] ** 2 * (1 + p["kv"] / p["heads"]) + 3 * p["H"] * p["I"]) + p["V"] * p["H"]
 
 
 def _flops(rows_key: str, factor: int):

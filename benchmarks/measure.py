@@ -47,7 +47,8 @@ def _glibc():
 
 
 def device_slug(device: torch.device) -> str:
-    """``cpu-x86_64`` or the lower-cased GPU name with runs of other characters than [a-z0-9_] as dashes (``nvidia-h100-80gb-hbm3``)."""
+    """``cpu-x86_64``, or the GPU name lower-cased with each run of characters outside ``[a-z0-9_]`` made one
+    dash (``nvidia-h100-80gb-hbm3``)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -73,27 +74,31 @@ class Timing:
     median_ms: float
     q20_ms: float
     q80_ms: float
+    n: int  # timed calls (0: do_bench, which picks its own count)
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, repeats: int = 5, warmup: int = 1,
-            cuda_rep_ms: int = 100) -> Timing:
-    """Median and 20/80 quantiles of ``fn()`` in milliseconds (``do_bench`` on CUDA, wall clock on CPU)."""
+            cuda_rep_ms: int = 100, budget_s: float | None = None) -> Timing:
+    """Median and 20/80 quantiles of ``fn()`` in milliseconds (``do_bench`` on CUDA, wall clock on CPU).
+
+    CPU: ``repeats`` timed calls after ``warmup`` untimed ones, stopping early (after at least one) once
+    ``budget_s`` seconds of timed calls have passed; ``Timing.n`` says how many were timed."""
     if device.type == "cuda":
         import triton.testing
 
         med, q20, q80 = triton.testing.do_bench(fn, warmup=25, rep=cuda_rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return Timing(float(med), float(q20), float(q80))
+        return Timing(float(med), float(q20), float(q80), 0)
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < max(1, repeats) and (budget_s is None or not times or sum(times) < budget_s * 1e3):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     if len(times) == 1:
-        return Timing(times[0], times[0], times[0])
+        return Timing(times[0], times[0], times[0], 1)
     q = statistics.quantiles(times, n=10, method="inclusive")
-    return Timing(statistics.median(times), q[1], q[7])
+    return Timing(statistics.median(times), q[1], q[7], len(times))
 
 
 def _status_kib(field: str) -> int:

@@ -58,6 +58,12 @@ def _dtype(p: dict) -> torch.dtype:
     return getattr(torch, p.get("dtype", "bfloat16"))
 
 
+def _randn(shape: tuple, p: dict, device: torch.device, scale: float = 1.0, seed: int = 1) -> torch.Tensor:
+    """Large random inputs drawn on the device itself (a CPU draw of a 256k x 4096 head takes seconds)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=g, device=device, dtype=_dtype(p)).mul_(scale)
+
+
 def _need_cuda(device: torch.device, what: str) -> None:
     if device.type != "cuda":
         raise Unavailable(f"{what} needs CUDA")
@@ -83,9 +89,9 @@ def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
 
 def _lp_inputs(p: dict, device: torch.device) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
-    N, H, V, dt = p["N"], p["H"], p["V"], _dtype(p)
-    hidden = torch.randn(N, H, generator=g).to(device, dt).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) / math.sqrt(H)).to(device, dt).requires_grad_()
+    N, H, V = p["N"], p["H"], p["V"]
+    hidden = _randn((N, H), p, device).requires_grad_()
+    weight = _randn((V, H), p, device, 1 / math.sqrt(H), seed=2).requires_grad_()
     targets = torch.randint(0, V, (N,), generator=g)
     targets[torch.rand(N, generator=g) < 0.1] = -100  # prompt/padding positions
     return dict(hidden=hidden, weight=weight, targets=targets.to(device))
@@ -172,7 +178,7 @@ LOGPROBS = OpSpec(
                   "trl": lambda p: 8 * _nhv(p)},
     # the issue-3 target size (N=16384, V=128256) comes early so a time-boxed GPU run always has it
     gpu=[dict(N=n, H=4096, V=v) for v in (128256, 151936, 32000, 256000) for n in (2048, 8192, 16384)],
-    quick=[dict(N=512, H=128, V=8192, dtype="float32"), dict(N=1024, H=128, V=32000, dtype="float32")],
+    quick=[dict(N=256, H=128, V=8192, dtype="float32"), dict(N=1024, H=128, V=32000, dtype="float32")],
     x_key="N", tokens=lambda p: p["N"])
 
 
@@ -195,12 +201,12 @@ def _pair_targets(B: int, T: int, V: int, g: torch.Generator) -> torch.Tensor:
 
 def _dpo_inputs(p: dict, device: torch.device) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
-    B, T, H, V, dt = p["B"], p["T"], p["H"], p["V"], _dtype(p)
-    x = dict(hidden=torch.randn(2 * B, T, H, generator=g).to(device, dt).requires_grad_(),
-             weight=(torch.randn(V, H, generator=g) / math.sqrt(H)).to(device, dt).requires_grad_(),
-             ref_hidden=torch.randn(2 * B, T, H, generator=g).to(device, dt),
+    B, T, H, V = p["B"], p["T"], p["H"], p["V"]
+    x = dict(hidden=_randn((2 * B, T, H), p, device).requires_grad_(),
+             weight=_randn((V, H), p, device, 1 / math.sqrt(H), seed=2).requires_grad_(),
+             ref_hidden=_randn((2 * B, T, H), p, device, seed=3),
              targets=_pair_targets(B, T, V, g).to(device))
-    x["ref_weight"] = (x["weight"].detach() + 0.01 * torch.randn(V, H, generator=g).to(device, dt)).contiguous()
+    x["ref_weight"] = x["weight"].detach() + _randn((V, H), p, device, 0.01, seed=4)
     return x
 
 
@@ -266,7 +272,7 @@ DPO = OpSpec(
                "torch": _dpo_torch, "torch-compile": _dpo_compile, "liger": _dpo_liger},
     useful_flops=lambda p: 8 * _dpo_nhv(p), actual_flops={},
     gpu=[dict(B=8, T=t, H=4096, V=128256) for t in (1024, 2048, 4096)],
-    quick=[dict(B=8, T=64, H=128, V=32000, dtype="float32")],
+    quick=[dict(B=4, T=64, H=128, V=32000, dtype="float32")],
     x_key="T", tokens=lambda p: 2 * p["B"] * p["T"])
 
 
@@ -279,19 +285,18 @@ LOSS_TYPE = "dapo"
 
 def _grpo_inputs(p: dict, device: torch.device) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
-    G, T, H, V, dt = p["G"], p["T"], p["H"], p["V"], _dtype(p)
-    hidden = torch.randn(G, T, H, generator=g)
-    weight = torch.randn(V, H, generator=g) / math.sqrt(H)
+    G, T, H, V = p["G"], p["T"], p["H"], p["V"]
     lengths = torch.randint(T // 4, T + 1, (G,), generator=g)
     mask = (torch.arange(T)[None, :] < lengths[:, None])
     ids = torch.randint(0, V, (G, T), generator=g)
     rewards = torch.randn(G, generator=g)
     adv = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
-    old = torch.zeros(G, T)  # filled below from the model itself (+ noise) so ratios sit near 1 and some clip
-    x = dict(hidden=hidden.to(device, dt).requires_grad_(), weight=weight.to(device, dt).requires_grad_(),
+    x = dict(hidden=_randn((G, T, H), p, device).requires_grad_(),
+             weight=_randn((V, H), p, device, 1 / math.sqrt(H), seed=2).requires_grad_(),
              ids=ids.to(device), mask=mask.to(device), advantages=adv.to(device))
     with torch.no_grad():
         chunks = [naive_token_logps(x["hidden"][i], x["weight"], x["ids"][i]) for i in range(G)]
+    # old log-probs: the current ones plus noise, so ratios sit near 1 and some tokens clip
     old = torch.stack(chunks) + 0.05 * torch.randn(G, T, generator=g).to(device)
     x["old_logps"] = (old * x["mask"]).float()
     x["targets"] = torch.where(x["mask"], x["ids"], torch.full_like(x["ids"], -100))
@@ -364,7 +369,7 @@ GRPO = OpSpec(
     useful_flops=lambda p: 6 * _grpo_nhv(p), actual_flops={"trl": lambda p: 8 * _grpo_nhv(p)},
     gpu=[dict(G=8, T=1024, H=4096, V=128256), dict(G=16, T=2048, H=4096, V=128256),
          dict(G=8, T=4096, H=4096, V=151936)],
-    quick=[dict(G=8, T=128, H=128, V=32000, dtype="float32")],
+    quick=[dict(G=4, T=128, H=128, V=32000, dtype="float32")],
     x_key="T", tokens=lambda p: p["G"] * p["T"])
 
 
@@ -384,10 +389,10 @@ def seq_lengths(total: int, max_len: int, g: torch.Generator) -> list[int]:
 def _attn_inputs(p: dict, device: torch.device) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
     lens = seq_lengths(p["tokens"], p["max_len"], g)
-    N, Hq, Hk, d, dt = sum(lens), p["hq"], p["hkv"], p["d"], _dtype(p)
+    N, Hq, Hk, d = sum(lens), p["hq"], p["hkv"], p["d"]
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
-    mk = lambda h: torch.randn(N, h, d, generator=g).to(device, dt).requires_grad_()  # noqa: E731
-    return dict(q=mk(Hq), k=mk(Hk), v=mk(Hk), lens=lens, cu=cu.to(device), cu_cpu=cu, max_len=max(lens))
+    q, k, v = (_randn((N, h, d), p, device, seed=i).requires_grad_() for i, h in ((1, Hq), (2, Hk), (3, Hk)))
+    return dict(q=q, k=k, v=v, lens=lens, cu=cu.to(device), cu_cpu=cu, max_len=max(lens))
 
 
 def _attn_loss(out: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from fastpref.benchmarks import measure
 from fastpref.benchmarks.providers import OPS, OpSpec, Unavailable
 
-FIELDS = ["op", "case", "provider", "status", "median_ms", "q20_ms", "q80_ms", "peak_extra_mib", "loss",
+FIELDS = ["op", "case", "provider", "status", "median_ms", "q20_ms", "q80_ms", "n_timed", "peak_extra_mib", "loss",
           "useful_tflops", "actual_tflops", "frac_matmul_peak", "tokens_per_s", "matmul_peak_tflops", "dtype",
           "device", "date"]
 
@@ -54,8 +54,10 @@ def _fmt(x, nd=3):
 
 
 def run_case(op: OpSpec, params: dict, providers: list[str], device: torch.device, *, repeats: int,
-             peak_tflops: float, log=print) -> list[dict]:
-    """Every provider on one size; returns one row per provider."""
+             peak_tflops: float, budget_s: float | None = 4.0, log=print) -> list[dict]:
+    """Every provider on one size; returns one row per provider. The first call (its loss recorded) is the
+    warm-up, the second measures peak memory, then ``repeats`` timed calls (CPU: fewer once ``budget_s`` seconds
+    of timed calls have passed; ``n_timed`` says how many)."""
     dtype = params.get("dtype", "bfloat16")
     base = dict(op=op.name, case=case_label(params), dtype=dtype, device=measure.device_slug(device),
                 date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"), matmul_peak_tflops=peak_tflops)
@@ -75,9 +77,9 @@ def run_case(op: OpSpec, params: dict, providers: list[str], device: torch.devic
             loss = step()
             measure.sync(device)
             peak = measure.peak_extra_bytes(step, device)
-            t = measure.time_fn(step, device, repeats=repeats)
+            t = measure.time_fn(step, device, repeats=repeats, warmup=0, budget_s=budget_s)
             actual = op.actual_flops.get(name, op.useful_flops)(params)
-            row.update(status="ok", median_ms=t.median_ms, q20_ms=t.q20_ms, q80_ms=t.q80_ms,
+            row.update(status="ok", median_ms=t.median_ms, q20_ms=t.q20_ms, q80_ms=t.q80_ms, n_timed=t.n,
                        peak_extra_mib=None if peak is None else peak / 2**20, loss=float(loss.float()),
                        useful_tflops=useful / (t.median_ms * 1e-3) / 1e12,
                        actual_tflops=actual / (t.median_ms * 1e-3) / 1e12,
@@ -212,7 +214,8 @@ def write_summary(out: Path, header: str) -> Path:
 
 
 METHOD = ("Time: `triton.testing.do_bench` median (q20-q80) on CUDA, wall-clock median (q20-q80) of `--repeats` "
-          "calls after a warm-up on CPU. Peak extra: CUDA `max_memory_allocated` minus the inputs; CPU resident-set "
+          "calls (fewer for slow providers: at most `--case-seconds` of timed calls, `n_timed` in the CSV) after a "
+          "warm-up on CPU. Peak extra: CUDA `max_memory_allocated` minus the inputs; CPU resident-set "
           "high-water mark (`VmHWM` after `clear_refs`) minus `VmRSS` with the inputs alive. TFLOP/s: *useful* counts "
           "the op's minimal FLOPs (log-probs fwd+bwd 6NHV), *actual* the FLOPs the method really does (8NHV with a "
           "recompute backward); the fraction of the measured matmul peak uses *actual*. FLOP models: "
@@ -234,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-providers", default="", help="comma-separated providers to leave out")
     ap.add_argument("--max-cases", type=int, default=None, help="only the first K sizes of each sweep")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per case on CPU (CUDA: do_bench)")
+    ap.add_argument("--case-seconds", type=float, default=4.0,
+                    help="CPU: stop timing a provider after this many seconds of timed calls (at least one call)")
     ap.add_argument("--out", type=Path, default=None, help="output dir (default benchmarks/results/<device>)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -264,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "fastpref bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     header = (f"- `{cmd.strip()}`: {measure.device_name(device)}; {now}; measured matmul peak "
               f"({str(peak_dtype).replace('torch.', '')} {'8192^3' if device.type == 'cuda' else '1024^3'} torch.mm) "
-              f"{peak:.3g} TFLOP/s")
+              f"{peak:.3g} TFLOP/s"
+              + (f"; load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine "
+                 f"makes CPU timings noisy)" if device.type == "cpu" else ""))
     print(f"fastpref bench: {measure.device_name(device)}; matmul peak {peak:.2f} TFLOP/s; out {out}")
     for op in ops:
         provs = [p for p in (sel or list(op.providers)) if p in op.providers and p not in skip]
@@ -275,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += [dict(op=op.name, case=case_label(params), provider=p, status="skipped: time budget",
                               device=measure.device_slug(device)) for p in provs]
             else:
-                rows += run_case(op, params, provs, device, repeats=args.repeats, peak_tflops=peak)
+                rows += run_case(op, params, provs, device, repeats=args.repeats, peak_tflops=peak,
+                                 budget_s=args.case_seconds)
             write_op_outputs(out, op, rows, header)  # after every case: a killed run keeps what it measured
     (out / f"header-{'+'.join(o.name for o in ops)}.md").write_text(header + "\n")
     summary = write_summary(out, _merged_header(out))
