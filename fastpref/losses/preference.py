@@ -93,7 +93,7 @@ def _check_option(op: str, name: str, value, valid: Sequence[str]) -> None:
         raise ValueError(f"{op}: unknown {name} {value!r}; valid values: {', '.join(map(repr, valid))}")
 
 
-def _reduce(op: str, per: Tensor, reduction: str) -> Tensor:
+def _reduce(per: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return per.mean()
     if reduction == "sum":
@@ -307,7 +307,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
             loss = -sft_logps / _mean_chosen_length(op, chosen_lengths, mean_chosen_length).to(sft_logps)
         per = wgt * loss if per is None else per + wgt * loss
     metrics = _pair_metrics(beta * rho_w, beta * rho_l, pc, pr)
-    return _reduce(op, per, reduction), metrics
+    return _reduce(per, reduction), metrics
 
 
 def _f_scores(rho: Tensor, kind: str, alpha: float) -> Tensor:
@@ -406,7 +406,7 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor | None = No
         "kl": z0.detach(),
     }
     metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    return _reduce(op, per, reduction), metrics
+    return _reduce(per, reduction), metrics
 
 
 # --------------------------------------------------------------------------------------------------- CPO / SimPO / ORPO
@@ -472,7 +472,7 @@ def cpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_
         per = per + cpo_alpha * nll
     metrics = _pair_metrics(beta * c_r, beta * r_r, c, r)
     metrics["nll_loss"] = nll.detach().mean() if nll is not None else pc.new_zeros(()).detach()
-    return _reduce(op, per, reduction), metrics
+    return _reduce(per, reduction), metrics
 
 
 def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
@@ -525,7 +525,7 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen
     metrics = _pair_metrics(beta * aw, beta * al, aw, al)
     metrics.update({"log_odds_ratio": ratio.detach().mean(), "log_odds_chosen": log_odds.detach().mean(),
                     "nll_loss": nll.detach().mean()})
-    return _reduce(op, per, reduction), metrics
+    return _reduce(per, reduction), metrics
 
 
 # --------------------------------------------------------------------------------------------------- reward models
@@ -560,4 +560,4 @@ def reward_model_loss(rewards_chosen: Tensor, rewards_rejected: Tensor, *, margi
     d = (c - r).detach()
     metrics = {"accuracy": (d > 0).to(d.dtype).mean(), "margin": d.mean(), "rewards/chosen": c.detach().mean(),
                "rewards/rejected": r.detach().mean()}
-    return _reduce(op, per, reduction), metrics
+    return _reduce(per, reduction), metrics
