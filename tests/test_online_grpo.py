@@ -174,3 +174,20 @@ def test_grpo_through_the_trainer_resumes_mid_rollout_to_the_same_weights(tmp_pa
     # mu = 2: steps 1, 3, 5 generate (reward stats), steps 2, 4, 6 reuse the rollout
     assert [("reward/mean" in r) for r in train_recs] == [True, False] * 3
     assert any("eval/reward/mean" in r for r in recs)
+
+
+def test_grpo_kl_with_a_lora_base_reference(tmp_path):
+    """With LoRA and reference.mode=lora_base the reference is the policy with adapters off: KL starts at 0
+    (LoRA's B = 0) and the run completes."""
+    pytest.importorskip("peft")
+    from fastpref.train.trainer import Trainer
+
+    cfg = _trainer_cfg(tmp_path, "lora", **{"grpo.beta": 0.1, "reference.mode": "lora_base",
+                                            "model.lora.enabled": "true", "train.max_steps": 2,
+                                            "grpo.generation.num_generations": 4})
+    res = Trainer(cfg, quiet=True).run()
+    assert res.step == 2
+    import json
+
+    recs = [json.loads(x) for x in open(tmp_path / "lora" / "metrics.jsonl") if '"phase": "grpo"' in x]
+    assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-6)

@@ -15,6 +15,7 @@ import math
 import random
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -220,12 +221,30 @@ class OnlineAlgorithm(Algorithm):
     def device(self):
         return self.rt.device
 
+    @contextmanager
+    def reference(self):
+        """The frozen reference network for per-token log-probs: the ``copy`` reference's model, or the policy
+        itself with its LoRA adapters disabled (``reference.mode=lora_base``, no second copy)."""
+        ref = self.rt.reference
+        if getattr(ref, "mode", None) == "lora_base":
+            policy = self.rt.model
+            was_training = policy.training
+            policy.eval()
+            try:
+                with policy.disable_adapter():
+                    yield policy
+            finally:
+                policy.train(was_training)
+        else:
+            yield self.ref_module()
+
     def ref_module(self):
-        """The frozen reference network (``reference.mode=copy``), for per-token reference log-probs."""
+        """The frozen reference copy (``reference.mode=copy``; iterative methods refresh it)."""
         ref = self.rt.reference
         mod = getattr(ref, "model", None) if ref is not None else None
         if mod is None:
-            raise ValueError(f"{self.name}: needs a reference model copy (reference.mode=copy or auto)")
+            raise ValueError(f"{self.name}: needs a reference model (reference.mode=copy, or lora_base with LoRA "
+                             f"for grpo/ppo; got {getattr(ref, 'mode', None)!r})")
         return mod
 
     # ---- stages

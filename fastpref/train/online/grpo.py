@@ -178,8 +178,8 @@ class GRPO(OnlineAlgorithm):
                 if sec.num_iterations > 1:
                     mb["old"] = token_logps(self.rt.model, batch, temperature=gen.temperature, pad_id=self.pad_id)
                 if sec.beta > 0:
-                    mb["ref"] = token_logps(self.ref_module(), batch, temperature=gen.temperature,
-                                            pad_id=self.pad_id)
+                    with self.reference() as ref_model:
+                        mb["ref"] = token_logps(ref_model, batch, temperature=gen.temperature, pad_id=self.pad_id)
             out.append(mb)
         return out
 

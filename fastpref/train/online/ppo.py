@@ -138,7 +138,8 @@ class PPO(OnlineAlgorithm):
             mask = batch.mask
             with timed(self._timings, "old_ref_values"), torch.no_grad():
                 old, _, values = self._forward(batch, entropy=False)
-                ref = token_logps(self.ref_module(), batch, temperature=gen.temperature, pad_id=self.pad_id)
+                with self.reference() as ref_model:
+                    ref = token_logps(ref_model, batch, temperature=gen.temperature, pad_id=self.pad_id)
                 m_pad = to_padded(mask, batch)
                 rew = kl_penalty_rewards(scores[idx].to(self.device), to_padded(old, batch), to_padded(ref, batch),
                                          m_pad, kl_coef=sec.kl_coef, kl_estimator=sec.kl_estimator)
