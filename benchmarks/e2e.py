@@ -7,6 +7,9 @@ Reference log-probs (DPO) and old log-probs (GRPO) are precomputed inputs, as wi
 
 * ``fastpref``: decoder hidden states ``[B, T, H]`` (``fastpref.train.modeling.decoder_hidden``) into
   ``FusedLinearDPOLoss`` / ``FusedLinearPolicyLoss`` (no ``[B, T, V]`` logits).
+* ``fastpref-packed``: the same with the padding removed: the real tokens packed in one row, the model loaded with
+  ``attn_implementation="fastpref"`` (``fastpref.attention.register_hf_attention``; packed varlen attention,
+  explicit ``cu_seq_lens_q``), the packed forms of the fused losses.
 * ``hf-naive``: ``model(...).logits``, fp32 ``log_softmax`` + gather, the plain loss.
 * ``trl``: the compute path of TRL 1.16's ``DPOTrainer._compute_loss`` / ``GRPOTrainer``: the model patched with
   ``trl.trainer.utils.add_fused_lm_head`` (DPOTrainer's ``outputs``), ``model(..., labels, fused_lm_head=True)
@@ -23,12 +26,12 @@ import torch
 from fastpref.benchmarks.providers import OpSpec, Unavailable, naive_token_logps, register
 
 
-def _model(p: dict, device: torch.device):
+def _model(p: dict, device: torch.device, attn: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=p["V"], hidden_size=p["H"], intermediate_size=p["I"], num_hidden_layers=p["L"],
                       num_attention_heads=p["heads"], num_key_value_heads=p["kv"], max_position_embeddings=p["T"],
-                      tie_word_embeddings=False, attn_implementation="sdpa")
+                      tie_word_embeddings=False, attn_implementation=attn)
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: a CPU init of a 0.6B model takes many seconds
         model = LlamaForCausalLM(cfg).to(dtype=getattr(torch, p.get("dtype", "bfloat16")))
@@ -89,7 +92,14 @@ def _provider(kind: str, path: str):
         from fastpref.losses import dpo_loss
         from fastpref.losses.policy import policy_loss
 
-        model = _model(p, device)
+        if path == "fastpref-packed":
+            try:
+                from fastpref.attention.hf import register_hf_attention
+            except ImportError as e:
+                raise Unavailable(f"fastpref.attention.hf not importable ({e})") from e
+            model = _model(p, device, attn=register_hf_attention())
+        else:
+            model = _model(p, device)
         if path == "trl":
             from trl.trainer.utils import add_fused_lm_head
 
@@ -99,8 +109,9 @@ def _provider(kind: str, path: str):
                 h = _hidden(model, x)
                 w = model.get_output_embeddings().weight
                 x["old"] = torch.stack([naive_token_logps(h[i], w, x["targets"][i]) for i in range(h.shape[0])])
+        packed = _pack(x, kind) if path == "fastpref-packed" else None
         mask = (x["targets"] != -100).float()
-        if path == "fastpref":
+        if path.startswith("fastpref"):
             if kind == "dpo":
                 from fastpref.losses.fused_preference import FusedLinearDPOLoss
 
@@ -115,6 +126,17 @@ def _provider(kind: str, path: str):
         B = x["input_ids"].shape[0] // 2
 
         def loss_fn():
+            if path == "fastpref-packed":
+                from fastpref.train.modeling import base_model
+
+                k = packed
+                h = base_model(model).get_decoder()(
+                    input_ids=k["ids"], position_ids=k["pos"], use_cache=False, cu_seq_lens_q=k["cu"],
+                    cu_seq_lens_k=k["cu"], max_length_q=k["max"], max_length_k=k["max"]).last_hidden_state[0]
+                w = model.get_output_embeddings().weight
+                if kind == "dpo":
+                    return fused(h, w, k["targets"], cu_seqlens=k["cu_cpu"], ref_logps=(x["ref"][:B], x["ref"][B:]))[0]
+                return fused(h, w, k["targets"], x["advantages"], cu_seqlens=k["cu_cpu"], old_logps=k["old"])[0]
             if path == "fastpref":
                 h = _hidden(model, x)
                 w = model.get_output_embeddings().weight
@@ -135,6 +157,21 @@ def _provider(kind: str, path: str):
             return loss.detach()
         return step
     return build
+
+
+def _pack(x: dict, kind: str) -> dict:
+    """The batch's real tokens in one row (transformers' packed layout: position ids restart per sequence),
+    pairs interleaved (chosen, rejected) as the packed fused losses expect; explicit ``cu_seqlens``."""
+    n = x["input_ids"].shape[0]
+    rows = [r for i in range(n // 2) for r in (i, i + n // 2)] if kind == "dpo" else list(range(n))
+    lens = x["attention_mask"].sum(-1).tolist()
+    take = lambda t: torch.cat([t[r, :lens[r]] for r in rows])  # noqa: E731
+    cu_cpu = torch.tensor([0] + [lens[r] for r in rows]).cumsum(0).to(torch.int32)
+    dev = x["input_ids"].device
+    return dict(ids=take(x["input_ids"])[None], targets=take(x["targets"]),
+                pos=torch.cat([torch.arange(lens[r], device=dev) for r in rows])[None],
+                old=None if x.get("old") is None else take(x["old"]), cu=cu_cpu.to(dev), cu_cpu=cu_cpu,
+                max=max(lens))
 
 
 def _hidden(model, x):
@@ -163,7 +200,7 @@ for _kind, _rows, _gpu, _quick in (
         name=f"e2e-{_kind}",
         title=f"End-to-end {_kind.upper()} training step (Llama from config, fwd+bwd+AdamW)",
         make_inputs=_inputs(_kind),
-        providers={name: _provider(_kind, name) for name in ("fastpref", "hf-naive", "trl")},
+        providers={name: _provider(_kind, name) for name in ("fastpref", "fastpref-packed", "hf-naive", "trl")},
         useful_flops=_flops(_rows, 2 if _kind == "dpo" else 1), actual_flops={},
         gpu=_gpu, quick=_quick, x_key="T",
         tokens=(lambda p, r=_rows, f=2 if _kind == "dpo" else 1: p[r] * f * p["T"])))

@@ -11,7 +11,8 @@ FLOP models (``N`` tokens, ``H`` hidden, ``V`` vocabulary; a matmul ``[a,b]x[b,c
 * log-probs / cross-entropy forward+backward. Useful work: ``6NHV`` (logits ``2NHV``, ``dh`` ``2NHV``,
   ``dW`` ``2NHV``). Actual: naive, torch.compile, Liger's FLCE (gradients formed in the forward) ``6NHV``;
   fastpref's ``linear_logprobs`` and TRL's ``ChunkedLogProbFunction`` recompute the logits in the backward:
-  ``8NHV``.
+  ``8NHV``. (On CUDA TRL scores only the non-ignored positions, as its trainers do: ~10% fewer in the
+  log-probs case, so its ``actual`` figure is an upper bound there.)
 * DPO with the reference computed from its hidden states inside the step: ``N = 2*B*T`` tokens of pairs, useful
   ``6NHV`` (policy) + ``2NHV`` (reference forward, no grad) = ``8NHV``; every provider here does exactly that
   (fastpref's eager engine forms the gradients during the forward: no recompute).
@@ -142,17 +143,23 @@ def _lp_liger(x, p, device):
 
 
 def trl_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """TRL 1.16's fused LM-head log-probs: ``trl.kernels.ChunkedLogProbFunction`` (cuBLAS tiles + Triton
-    online logsumexp on CUDA, torch ops elsewhere; recompute in the backward), with TRL's vocabulary chunk."""
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    """TRL 1.16's fused LM-head log-probs as its ``add_fused_lm_head`` calls them: ``trl.kernels.
+    ChunkedLogProbFunction`` (cuBLAS tiles + Triton online logsumexp on CUDA, torch ops elsewhere; recompute in
+    the backward) with TRL's vocabulary chunk; on Triton devices only the valid positions are scored (TRL's
+    ``compact`` path), elsewhere every position."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
     shape = targets.shape
     h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     valid = t != -100
-    out = ChunkedLogProbFunction.apply(h, weight, None, t.clamp(min=0), 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
-                                       1.0, ())
-    return (out[0] * valid).reshape(shape)
+    compact = _use_triton(h.device)
+    out = ChunkedLogProbFunction.apply(h[valid] if compact else h, weight, None,
+                                       t[valid] if compact else t.clamp(min=0), 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
+                                       None, 1.0, ())[0]
+    if compact:
+        return out.new_zeros(valid.shape).masked_scatter(valid, out).reshape(shape)
+    return (out * valid).reshape(shape)
 
 
 def _lp_trl(x, p, device):

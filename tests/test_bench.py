@@ -101,3 +101,20 @@ def test_main_writes_csv_markdown_plot_summary(tmp_path):
 def test_device_slug():
     assert measure.device_slug(CPU).startswith("cpu-")
     assert " " not in measure.device_slug(CPU)
+
+
+@pytest.mark.parametrize("op", ["e2e-dpo", "e2e-grpo"])
+def test_end_to_end_steps_agree(op):
+    from fastpref.benchmarks import e2e  # noqa: F401  (registers the end-to-end ops)
+
+    size = dict(V=512, H=32, I=64, L=1, heads=2, kv=1, T=32, dtype="float32", **({"B": 2} if op == "e2e-dpo"
+                                                                                   else {"G": 4}))
+    rows = {r["provider"]: r for r in _rows(op, size, ["hf-naive", "fastpref", "fastpref-packed"])}
+    assert rows["hf-naive"]["status"] == "ok", rows["hf-naive"]
+    for p in ("fastpref", "fastpref-packed"):
+        if rows[p]["status"].startswith("unavailable"):
+            continue
+        assert rows[p]["status"] == "ok", rows[p]
+        # the first step's loss (same seeded model, same batch): padded fused, packed fused and full logits agree
+        assert rows[p]["loss"] == pytest.approx(rows["hf-naive"]["loss"], rel=1e-4, abs=1e-5)
+        assert rows[p]["tokens_per_s"] > 0
