@@ -166,7 +166,7 @@ def test_sft_and_kto_match_full_logits_fp64(tmp_path):
 
 def test_reference_modes_agree(tmp_path):
     """precompute (cached on disk, reused by a second run) and copy give the same DPO run; lora_base runs."""
-    args = ("algorithm=dpo", "train.max_steps=3")
+    args = ("algorithm=dpo", "train.max_steps=2")
     a = Trainer(tiny_cfg(tmp_path, *args, "reference.mode=copy", name="copy"), quiet=True).run()
     b = Trainer(tiny_cfg(tmp_path, *args, "reference.mode=precompute", name="pre"), quiet=True).run()
     assert abs(a.train["loss"] - b.train["loss"]) < 1e-5

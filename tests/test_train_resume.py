@@ -53,6 +53,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, warmup, extra):
                 assert v == rb[k]
             else:
                 assert v == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+    if warmup != 1 or extra:
+        return
     # and training did change the weights (the comparison above is not vacuous)
     fresh = Trainer(_cfg(tmp_path / "zero", "train.max_steps=1", "optim.lr=1e-30"), quiet=True)
     fresh.run()
