@@ -53,6 +53,8 @@ class OpSpec:
     quick: list[dict]
     x_key: str  # swept parameter shown on the plots' x axis
     tokens: Callable[[dict], int] = field(default=lambda p: 0)
+    headline: dict | None = None  # the size summary.md features (an issue's target), else the largest that ran
+    logits_elems: Callable[[dict], int] | None = None  # [tokens, V] of the naive path (peak vs logits size)
 
 
 def _dtype(p: dict) -> torch.dtype:
@@ -186,7 +188,8 @@ LOGPROBS = OpSpec(
     # the issue-3 target size (N=16384, V=128256) comes early so a time-boxed GPU run always has it
     gpu=[dict(N=n, H=4096, V=v) for v in (128256, 151936, 32000, 256000) for n in (2048, 8192, 16384)],
     quick=[dict(N=256, H=128, V=8192, dtype="float32"), dict(N=1024, H=128, V=32000, dtype="float32")],
-    x_key="N", tokens=lambda p: p["N"])
+    x_key="N", tokens=lambda p: p["N"], headline=dict(N=16384, H=4096, V=128256),
+    logits_elems=lambda p: p["N"] * p["V"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -280,7 +283,7 @@ DPO = OpSpec(
     useful_flops=lambda p: 8 * _dpo_nhv(p), actual_flops={},
     gpu=[dict(B=8, T=t, H=4096, V=128256) for t in (1024, 2048, 4096)],
     quick=[dict(B=4, T=64, H=128, V=32000, dtype="float32")],
-    x_key="T", tokens=lambda p: 2 * p["B"] * p["T"])
+    x_key="T", tokens=lambda p: 2 * p["B"] * p["T"], logits_elems=lambda p: 2 * p["B"] * p["T"] * p["V"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -377,7 +380,7 @@ GRPO = OpSpec(
     gpu=[dict(G=8, T=1024, H=4096, V=128256), dict(G=16, T=2048, H=4096, V=128256),
          dict(G=8, T=4096, H=4096, V=151936)],
     quick=[dict(G=4, T=128, H=128, V=32000, dtype="float32")],
-    x_key="T", tokens=lambda p: p["G"] * p["T"])
+    x_key="T", tokens=lambda p: p["G"] * p["T"], logits_elems=lambda p: p["G"] * p["T"] * p["V"])
 
 
 # --------------------------------------------------------------------------------------------------------------

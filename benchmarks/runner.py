@@ -182,9 +182,12 @@ def write_op_outputs(out: Path, op: OpSpec, rows: list[dict], header: str) -> No
 
 
 def write_summary(out: Path, header: str) -> Path:
-    """``summary.md`` from every ``<op>.csv`` in ``out``: per op, the largest case that ran, all providers."""
+    """``summary.md`` from every ``<op>.csv`` in ``out``: per op, all providers at the issue's target size when it
+    ran (``OpSpec.headline``), else at the largest size that ran."""
     parts = [f"# Benchmark summary\n\n{header}\n"]
-    for csv_path in sorted(out.glob("*.csv")):
+    order = list(OPS)
+    for csv_path in sorted(out.glob("*.csv"), key=lambda q: (order.index(q.stem) if q.stem in order else len(order),
+                                                               q.stem)):
         rows = read_csv(csv_path)
         if not rows:
             continue
@@ -192,9 +195,12 @@ def write_summary(out: Path, header: str) -> Path:
         ok_cases = [r["case"] for r in rows if r["status"] == "ok"]
         if not ok_cases:
             continue
-        case = ok_cases[-1]
+        by_label = {case_label(p): p for p in ((op.gpu + op.quick) if op else [])}
+        featured = op is not None and op.headline is not None and case_label(op.headline) in ok_cases
+        case = case_label(op.headline) if featured else ok_cases[-1]
         sel = [r for r in rows if r["case"] == case]
-        parts.append(f"## {op.title if op else rows[0]['op']}\n\nLargest case that ran: `{case}` "
+        what = "Target size of the issue" if featured else "Largest case that ran"
+        parts.append(f"## {op.title if op else rows[0]['op']}\n\n{what}: `{case}` "
                      f"(all sizes: [{csv_path.stem}.md]({csv_path.stem}.md), plot: "
                      f"[{csv_path.stem}.png]({csv_path.stem}.png))\n\n{markdown_table(sel)}")
         ref = next((r for r in sel if r["provider"] in ("torch", "hf-naive") and r["status"] == "ok"), None)
@@ -206,6 +212,15 @@ def write_summary(out: Path, header: str) -> Path:
             m_r, m_ref = _num(r.get("peak_extra_mib")), _num(ref.get("peak_extra_mib"))
             mem = f", peak extra {100 * m_r / m_ref:.1f}% of naive" if m_r is not None and m_ref else ""
             notes.append(f"- {r['provider']}: {sp:.2f}x the naive path's speed{mem}")
+        params = by_label.get(case)
+        if op and op.logits_elems and params:
+            dt = params.get("dtype", "bfloat16")
+            size = op.logits_elems(params) * torch.empty(0, dtype=getattr(torch, dt)).element_size() / 2**20
+            for r in sel:
+                m = _num(r.get("peak_extra_mib")) if r["status"] == "ok" else None
+                if m is not None:
+                    notes.append(f"- {r['provider']}: peak extra = {100 * m / size:.1f}% of the [tokens, V] {dt} "
+                                 f"logits ({size:.0f} MiB)")
         if notes:
             parts.append("\n".join(notes) + "\n")
     path = out / "summary.md"
