@@ -1,6 +1,6 @@
 """Rollouts for on-line methods: generate with the KV cache, then pack prompt + completion for training.
 
-Stages (each timed, see ``Rollout.timings``):
+Stages (``generate`` is timed in ``Rollout.timings``, the algorithms time the others):
 
 1. ``generate``: HF ``model.generate`` (KV cache, sampling with temperature / top-p / top-k, ``max_new_tokens``,
    ``num_generations`` samples per prompt, stop at EOS). Prompts are left-padded for the batched generate; the
@@ -11,9 +11,9 @@ Stages (each timed, see ``Rollout.timings``):
    packed-batch convention of ``fastpref.ops`` (``targets`` shifted, ``-100`` on prompt tokens and on the
    last token; ``cu_seqlens`` with a CPU copy for chunk planning).
 3. ``forward``: ``policy_hidden`` runs the decoder trunk only (never the ``[tokens, vocab]`` logits) and
-   returns the packed ``hidden [N, H]``; the losses then use the fused LM-head kernels. Without a varlen
-   attention backend in the model, the trunk runs on the right-padded ``[S, L]`` batch and the valid
-   positions are gathered back into the packed layout (exactly equal results, padding FLOPs spent).
+   returns the packed ``hidden [N, H]``; the losses then use the fused LM-head kernels. The trunk runs on the
+   right-padded ``[S, L]`` batch and the valid positions are gathered back into the packed layout (exactly
+   equal results, padding FLOPs spent; the packed varlen-attention forward is not wired in here yet).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class GenerationConfig:
     top_p: float = 1.0
     """Nucleus sampling mass in (0, 1]."""
     top_k: int = 0
-    """Top-k sampling (0: off)."""
+    """Top-k sampling (0: off; the checkpoint's own generation config is never used, so no hidden top-k)."""
     backend: str = "hf"
     """``hf`` (``model.generate``) or ``vllm`` (only when installed)."""
 
@@ -102,6 +102,7 @@ class Rollout:
     """True where no EOS was generated within ``max_new_tokens``."""
     group_size: int
     timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage of ``generate`` (a selection or concatenation starts empty)."""
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -113,21 +114,19 @@ class Rollout:
         """The completions at ``idx`` (in that order); ``group_size`` is kept, so select whole groups."""
         return Rollout([self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx],
                        [self.completion_ids[i] for i in idx], [self.completions[i] for i in idx],
-                       [self.truncated[i] for i in idx], self.group_size, dict(self.timings))
+                       [self.truncated[i] for i in idx], self.group_size)
 
     @staticmethod
     def concat(parts: list["Rollout"]) -> "Rollout":
         if not parts:
             raise ValueError("Rollout.concat: needs at least one rollout")
-        out = Rollout([], [], [], [], [], parts[0].group_size, {})
+        out = Rollout([], [], [], [], [], parts[0].group_size)
         for p in parts:
             out.prompts += p.prompts
             out.prompt_ids += p.prompt_ids
             out.completion_ids += p.completion_ids
             out.completions += p.completions
             out.truncated += p.truncated
-            for k, v in p.timings.items():
-                out.timings[k] = out.timings.get(k, 0.0) + v
         return out
 
 
@@ -199,6 +198,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], cfg: GenerationConfi
 
 
 def _generate_hf(model, p_ids: list[list[int]], cfg: GenerationConfig, G: int, eos: int, pad: int) -> list[list[int]]:
+    from transformers import GenerationConfig as HFGenerationConfig
+
     dev = next(model.parameters()).device
     width = max(len(x) for x in p_ids)
     inp = torch.tensor([[pad] * (width - len(x)) + x for x in p_ids], device=dev)
@@ -206,10 +207,12 @@ def _generate_hf(model, p_ids: list[list[int]], cfg: GenerationConfig, G: int, e
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=inp, attention_mask=att, do_sample=True, temperature=cfg.temperature,
-                             top_p=cfg.top_p, top_k=cfg.top_k or None, max_new_tokens=cfg.max_new_tokens,
-                             num_return_sequences=G, eos_token_id=eos, pad_token_id=pad,
-                             use_cache=True)
+        # a fresh generation config: nothing inherited from the checkpoint's (its top_k=50, repetition penalty,
+        # ...) may change the sampling distribution that the training log-probs assume
+        gc = HFGenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                max_new_tokens=cfg.max_new_tokens, num_return_sequences=G, eos_token_id=eos,
+                                pad_token_id=pad, use_cache=True)
+        out = model.generate(input_ids=inp, attention_mask=att, generation_config=gc)
     finally:
         model.train(was_training)
     return out[:, width:].tolist()
@@ -255,8 +258,8 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], device=No
 
 
 def pack_rollout(rollout: Rollout, device=None) -> PackedBatch:
-    with timed(rollout.timings, "pack"):
-        return pack(rollout.prompt_ids, rollout.completion_ids, device)
+    """``pack`` of a rollout's prompt + completion sequences (groups stay consecutive)."""
+    return pack(rollout.prompt_ids, rollout.completion_ids, device)
 
 
 def policy_hidden(model, batch: PackedBatch, pad_id: int = 0) -> torch.Tensor:

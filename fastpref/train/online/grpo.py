@@ -169,8 +169,8 @@ class GRPO(OnlineAlgorithm):
         out = []
         for idx in slices:
             part = ro.select(idx)
-            batch = pack_rollout(part, self.device)
-            self._add_timings({"pack": part.timings.get("pack", 0.0) - ro.timings.get("pack", 0.0)})
+            with timed(self._timings, "pack"):
+                batch = pack_rollout(part, self.device)
             # dapo: normalise by the token count of the whole step (the trainer divides by len(micro))
             mb = micro_batch(batch, advantages=adv[idx].to(self.device), old=None, ref=None,
                              num_items=total_tokens / n_micro)

@@ -134,7 +134,8 @@ class PPO(OnlineAlgorithm):
         out, stats = [], []
         for idx in self.group_slices(len(ro), ro.group_size, self.cfg.train.grad_accum):
             part = ro.select(idx)
-            batch = pack_rollout(part, self.device)
+            with timed(self._timings, "pack"):
+                batch = pack_rollout(part, self.device)
             mask = batch.mask
             with timed(self._timings, "old_ref_values"), torch.no_grad():
                 old, _, values = self._forward(batch, entropy=False)
