@@ -268,3 +268,22 @@ def test_every_algorithm_runs_through_the_trainer(tmp_path, config, overrides):
     assert len(train) == 3 and all(math.isfinite(r["loss"]) for r in train)
     assert all("time_share/train" in r and "tokens_per_s" in r for r in train)
     assert os.path.isdir(tmp_path / "final") and os.path.isdir(tmp_path / "checkpoints" / "step-2")
+
+
+def test_sampling_distribution_is_the_tempered_softmax_the_losses_assume():
+    """No hidden top-k (HF's default 50) or penalty: the mass sampled outside the 50 likeliest tokens equals
+    their probability under softmax(logits / T)."""
+    model, tok = _tiny()
+    model = model.float()
+    T = 3.0
+    p_ids = tok.encode("1+2=")
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([p_ids])).logits[0, -1].double() / T, -1)
+    top = set(probs.topk(50).indices.tolist())
+    tail_mass = float(probs[[i for i in range(probs.numel()) if i not in top]].sum())
+    torch.manual_seed(0)
+    n = 3000
+    ro = generate(model, tok, [p_ids], GenerationConfig(num_generations=n, max_new_tokens=1, temperature=T))
+    frac = sum(c[0] not in top for c in ro.completion_ids) / n
+    sd = (tail_mass * (1 - tail_mass) / n) ** 0.5
+    assert tail_mass > 0.05 and abs(frac - tail_mass) < 5 * sd, (frac, tail_mass)
