@@ -180,3 +180,51 @@ def test_reference_modes_agree(tmp_path):
                 quiet=True).run()
     assert math.isfinite(d.train["loss"]) and os.path.exists(os.path.join(tmp_path, "lora", "final",
                                                                           "adapter_config.json"))
+
+
+@pytest.mark.parametrize("algo", ["dpo", "sft", "kto"])
+def test_packed_equals_padded(tmp_path, algo):
+    """data.pack=true (one packed row, varlen attention, pairs interleaved) gives the padded batch's loss,
+    metrics and LM-head gradient: the layouts differ, the math must not."""
+    from fastpref.data.collate import collate_preference, collate_single
+
+    algo_obj, exs, _ = _runtime(tmp_path, algo, "data.pack=true")
+    assert algo_obj.rt.model.config._attn_implementation == "fastpref"
+    pad = algo_obj.rt.tokenizer.pad_token_id
+    results = []
+    for pack in (False, True):
+        if algo == "dpo":
+            batch = collate_preference(exs, pad, pack=pack)
+        else:
+            batch = collate_single(exs, pad, pack=pack)
+            if algo == "kto":
+                batch["kl"] = collate_single([{"prompt_ids": e["prompt_ids"], "completion_ids": exs[(i + 1) % len(exs)]
+                                               ["completion_ids"]} for i, e in enumerate(exs)], pad, pack=pack)
+        assert ("cu_seqlens" in batch) == pack
+        algo_obj.rt.model.zero_grad()
+        loss, m = algo_obj.compute_loss(batch)
+        loss.backward()
+        results.append((loss.detach(), m, algo_obj.rt.model.get_output_embeddings().weight.grad.clone()))
+    (la, ma, ga), (lb, mb, gb) = results
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+    for k in ma:
+        torch.testing.assert_close(mb[k], ma[k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+
+
+def test_precompute_cache_order_in_both_layouts(tmp_path):
+    """The cached reference log-probs come back in each layout's sequence order (TRL rows / interleaved)."""
+    from fastpref.data.collate import collate_preference
+    from fastpref.train.reference import Reference
+
+    algo_obj, exs, _ = _runtime(tmp_path, "dpo", "data.pack=true")
+    for i, e in enumerate(exs):
+        e["uid"] = i
+    model, pad = algo_obj.rt.model, algo_obj.rt.tokenizer.pad_token_id
+    for pack_cache in (False, True):
+        ref = Reference("precompute", model)
+        ref.precompute(exs, lambda c: collate_preference(c, pad, pack=pack_cache), 4, str(tmp_path / f"c{pack_cache}"),
+                       "k", log=lambda m: None)
+        for pack in (False, True):
+            batch = collate_preference(exs[1:5], pad, pack=pack)
+            torch.testing.assert_close(ref.sequence_logps(batch), ref.compute(batch), rtol=1e-5, atol=1e-4)

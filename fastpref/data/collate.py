@@ -1,7 +1,13 @@
 """Padded collation of tokenised examples into ``input_ids``/``attention_mask``/shifted ``targets``.
 
-Layout (the project's padded convention, TRL's order): for preference batches the first ``P`` rows are the
-chosen and the last ``P`` the rejected responses of the same prompts. ``targets[b, t]`` is the token predicted at
+Two layouts, told apart by the batch's keys:
+
+* padded (the default): for preference batches the first ``P`` rows are the chosen and the last ``P`` the
+  rejected responses of the same prompts (TRL's order);
+* packed (``pack=True``; ``fastpref.data.packing``): one row ``input_ids [1, N]`` of concatenated sequences with
+  ``position_ids`` restarting per sequence, ``targets [N]`` and ``cu_seqlens`` (CPU); pairs interleaved
+  (sequence ``2i`` chosen, ``2i+1`` rejected), one bin per micro-batch so the example order is kept.
+ ``targets[b, t]`` is the token predicted at
 position ``t`` (``input_ids[b, t+1]``) where that token belongs to the response, else ``ignore_index``; so prompt
 tokens, padding and the last position are never scored. Rows are right-padded.
 """
@@ -11,6 +17,32 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
+
+
+def is_packed(batch: dict) -> bool:
+    """Whether ``batch`` uses the packed layout (it has ``cu_seqlens``)."""
+    return "cu_seqlens" in batch
+
+
+def split_pairs(values: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence ``values`` ``[2P]`` -> ``(chosen [P], rejected [P])`` in either layout."""
+    if is_packed(batch):
+        return values[0::2], values[1::2]
+    p = values.shape[0] // 2
+    return values[:p], values[p:]
+
+
+def pack_sequences(seqs: list[tuple[list[int], list[int]]], *, unit_size: int = 1, device=None) -> dict:
+    """``seqs`` (in order; pairs as chosen, rejected, chosen, ...) -> one packed row (see the module docstring)."""
+    from fastpref.data.packing import pack_examples
+
+    ex = [{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r} for p, r in seqs]
+    (pb,) = pack_examples(ex, sum(len(e["input_ids"]) for e in ex), unit_size=unit_size)
+    out = {"input_ids": pb.input_ids, "position_ids": pb.position_ids, "targets": pb.targets}
+    out = {k: v.to(device) if device is not None else v for k, v in out.items()}
+    out["cu_seqlens"] = pb.cu_seqlens          # stays on the CPU: chunk planning without a device sync
+    out["max_seqlen"] = pb.max_seqlen
+    return out
 
 
 def pad_sequences(seqs: list[tuple[list[int], list[int]]], pad_id: int, *, device=None,
@@ -34,20 +66,26 @@ def pad_sequences(seqs: list[tuple[list[int], list[int]]], pad_id: int, *, devic
             for k, v in {"input_ids": ids, "attention_mask": mask, "targets": targets}.items()}
 
 
-def collate_preference(examples: list[dict], pad_id: int, device=None) -> dict[str, torch.Tensor]:
-    """Pairs -> a padded batch of ``2P`` rows (chosen first, then rejected) plus ``uid`` ``[P]`` when the
-    examples carry one."""
-    seqs = [(e["prompt_ids"], e["chosen_ids"]) for e in examples] + \
-           [(e["prompt_ids"], e["rejected_ids"]) for e in examples]
-    batch = pad_sequences(seqs, pad_id, device=device)
+def collate_preference(examples: list[dict], pad_id: int, device=None, pack: bool = False) -> dict:
+    """Pairs -> a padded batch of ``2P`` rows (chosen first, then rejected), or with ``pack`` one packed row
+    (pairs interleaved); plus ``uid`` ``[P]`` when the examples carry one."""
+    if pack:
+        seqs = [s for e in examples for s in ((e["prompt_ids"], e["chosen_ids"]), (e["prompt_ids"], e["rejected_ids"]))]
+        batch = pack_sequences(seqs, unit_size=2, device=device)
+    else:
+        seqs = [(e["prompt_ids"], e["chosen_ids"]) for e in examples] + \
+               [(e["prompt_ids"], e["rejected_ids"]) for e in examples]
+        batch = pad_sequences(seqs, pad_id, device=device)
     _uids(batch, examples, device)
     return batch
 
 
-def collate_single(examples: list[dict], pad_id: int, key: str = "completion_ids", device=None) -> dict:
-    """One sequence per example (SFT, KTO): ``prompt_ids + examples[key]``; ``labels`` [B] bool when present."""
-    batch = pad_sequences([(e["prompt_ids"], e.get(key) or e["chosen_ids"]) for e in examples], pad_id,
-                          device=device)
+def collate_single(examples: list[dict], pad_id: int, key: str = "completion_ids", device=None,
+                   pack: bool = False) -> dict:
+    """One sequence per example (SFT, KTO): ``prompt_ids + examples[key]``, padded or packed; ``labels`` [B]
+    bool when present."""
+    seqs = [(e["prompt_ids"], e.get(key) or e["chosen_ids"]) for e in examples]
+    batch = pack_sequences(seqs, device=device) if pack else pad_sequences(seqs, pad_id, device=device)
     if all("label" in e for e in examples):
         batch["labels"] = torch.tensor([bool(e["label"]) for e in examples], device=device)
     _uids(batch, examples, device)

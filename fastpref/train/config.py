@@ -125,7 +125,8 @@ class DataConfig:
     """Rows over the limits: ``error`` (bad row, see ``on_bad_row``), or ``truncate`` (keep the end of the prompt,
     then the start of the response)."""
     pack: bool = False
-    """Pack sequences into one row per micro-batch (varlen attention) instead of padding."""
+    """Pack each micro-batch's sequences into one row (``fastpref.data.packing``) and run the model with the
+    registered varlen attention (``attn_implementation="fastpref"``) instead of padding. Not used by ``rm``."""
     on_bad_row: str = "error"
     """``error``: stop before training, naming file, row and field; ``skip``: skip, count and log such rows."""
     synthetic_rows: int = 1200

@@ -22,10 +22,16 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def decoder_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Last hidden states ``[B, T, H]`` of the decoder stack, without the LM head."""
+    """Last hidden states of the decoder stack, without the LM head: ``[B, T, H]`` for a padded batch, ``[N, H]``
+    for a packed one (varlen attention through ``attn_implementation="fastpref"``, boundaries from
+    ``position_ids``)."""
     dec = base_model(model).get_decoder()
-    out = dec(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if "cu_seqlens" in batch:
+        out = dec(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    else:
+        out = dec(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return h[0] if "cu_seqlens" in batch else h
 
 
 def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -42,7 +48,12 @@ def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, t
     hidden = decoder_hidden(model, batch)
     w, b = lm_head(model)
     tok = linear_logprobs(hidden, w, batch["targets"], bias=b, check_targets=False)
-    return tok.sum(-1), (batch["targets"] != -100).sum(-1)
+    scored = batch["targets"] != -100
+    if "cu_seqlens" in batch:
+        from fastpref.ops import segment_sum
+
+        return segment_sum(tok, batch["cu_seqlens"]), segment_sum(scored.long(), batch["cu_seqlens"])
+    return tok.sum(-1), scored.sum(-1)
 
 
 def build_tokenizer(cfg: Config):
@@ -108,6 +119,11 @@ def build_model(cfg: Config, tokenizer, kind: str = "causal_lm") -> torch.nn.Mod
     dtype = _DTYPES[m.dtype]
     auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     extra = {"num_labels": 1} if kind == "sequence_classification" else {}
+    attn = {}
+    if cfg.data.pack and kind == "causal_lm":
+        from fastpref.attention.hf import register_hf_attention
+
+        attn = {"attn_implementation": register_hf_attention()}
     if m.name_or_path == "tiny":
         t = m.tiny
         mc = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=t.hidden_size,
@@ -117,11 +133,11 @@ def build_model(cfg: Config, tokenizer, kind: str = "causal_lm") -> torch.nn.Mod
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=None, **extra)
         torch.manual_seed(cfg.train.seed)
-        model = auto.from_config(mc, dtype=dtype)
+        model = auto.from_config(mc, dtype=dtype, **attn)
     else:
         path, kw = _source(m)
         try:
-            model = auto.from_pretrained(path, dtype=dtype, **kw, **extra)
+            model = auto.from_pretrained(path, dtype=dtype, **kw, **extra, **attn)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.name_or_path={m.name_or_path!r}: cannot load the model ({e})") from None
         if kind == "sequence_classification" and model.config.pad_token_id is None:

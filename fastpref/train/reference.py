@@ -69,14 +69,16 @@ class Reference:
 
     def sequence_logps(self, batch: dict) -> torch.Tensor:
         """Reference log-probs of every row of ``batch`` (``[rows]`` fp32, no grad). With ``precompute`` the rows
-        are looked up by ``batch["uid"]``: rows ``[0, P)`` are sequence slot 0 of the examples, ``[P, 2P)`` slot 1."""
+        are looked up by ``batch["uid"]`` in the batch's layout: padded rows ``[0, P)`` are sequence slot 0 of the
+        examples and ``[P, 2P)`` slot 1; packed sequences are interleaved (slot 0, slot 1 of example 0, ...)."""
         if self.mode != "precompute":
             return self.compute(batch)
         if self.cache is None:
             raise RuntimeError("Reference: precompute cache not built")
         uid = batch["uid"].to(self.cache.device)
-        slots = batch["input_ids"].shape[0] // uid.numel()
-        return torch.cat([self.cache[uid, s] for s in range(slots)]).to(batch["input_ids"].device)
+        rows = self.cache[uid]                                   # [P, slots]
+        out = rows.reshape(-1) if "cu_seqlens" in batch else rows.t().reshape(-1)
+        return out.to(batch["input_ids"].device)
 
     def precompute(self, examples: list[dict], collate: Callable[[list[dict]], dict], batch_size: int,
                    cache_dir: str, key: str, log: Callable[[str], None] = print) -> None:
@@ -90,8 +92,9 @@ class Reference:
         rows = []
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
-            lp = self.compute(collate(chunk)).float().cpu()
-            rows.append(lp.view(-1, len(chunk)).t())
+            batch = collate(chunk)
+            lp = self.compute(batch).float().cpu()
+            rows.append(lp.view(len(chunk), -1) if "cu_seqlens" in batch else lp.view(-1, len(chunk)).t())
         self.cache = torch.cat(rows)
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + ".tmp"

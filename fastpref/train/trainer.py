@@ -383,9 +383,6 @@ class Trainer:
         t0 = time.time()
         load_builtin_algorithms()
         algo_cls = ALGORITHMS[cfg.algorithm]
-        if cfg.data.pack:
-            raise ConfigError("data.pack=true: packed batches are not wired into the trainer yet; use data.pack=false "
-                              "(padded batches)")
         self.device = _device(cfg)
         self.rank, self.world = _init_distributed(self.device)
         _seed_all(cfg.train.seed)
@@ -467,7 +464,8 @@ class Trainer:
             for mb in micro:
                 loss, metrics = algo.compute_loss(mb)
                 (loss / len(micro)).backward()
-                items.append((mb["input_ids"].shape[0], {"loss": loss.detach(), **metrics}))
+                rows = mb["cu_seqlens"].numel() - 1 if "cu_seqlens" in mb else mb["input_ids"].shape[0]
+                items.append((rows, {"loss": loss.detach(), **metrics}))
             if self.world > 1:
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 _all_reduce_mean(grads)

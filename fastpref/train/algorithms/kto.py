@@ -36,11 +36,12 @@ class KTO(Algorithm):
 
     def collate(self, examples):
         pad = self.rt.tokenizer.pad_token_id
-        batch = collate_single(examples, pad, device=self.rt.device)
+        pack = self.cfg.data.pack
+        batch = collate_single(examples, pad, device=self.rt.device, pack=pack)
         if len(examples) > 1:  # mismatched pairs for z0: prompt i with completion i+1
             shifted = [{"prompt_ids": e["prompt_ids"], "completion_ids": examples[(i + 1) % len(examples)]
                         ["completion_ids"]} for i, e in enumerate(examples)]
-            batch["kl"] = collate_single(shifted, pad, device=self.rt.device)
+            batch["kl"] = collate_single(shifted, pad, device=self.rt.device, pack=pack)
         return batch
 
     def _z0(self, batch) -> torch.Tensor | None:
@@ -57,8 +58,9 @@ class KTO(Algorithm):
         z0 = self._z0(batch)
         hidden = decoder_hidden(self.rt.model, batch)
         w, b = lm_head(self.rt.model)
+        kw = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
         loss, metrics = self.loss_fn(hidden, w, batch["targets"], bias=b, ref_logps=ref, labels=batch["labels"],
-                                     kl=z0)
+                                     kl=z0, **kw)
         if z0 is not None:
             metrics["kl"] = z0.detach()
         return loss, metrics

@@ -8,7 +8,7 @@ base or precomputed cache; always no-grad); ORPO, SimPO and CPO are reference-fr
 
 from __future__ import annotations
 
-from fastpref.data.collate import collate_preference
+from fastpref.data.collate import collate_preference, split_pairs
 from fastpref.train.algorithms.base import Algorithm, register_algorithm
 from fastpref.train.modeling import decoder_hidden, lm_head
 
@@ -24,14 +24,13 @@ class _Paired(Algorithm):
         raise NotImplementedError
 
     def collate(self, examples):
-        return collate_preference(examples, self.rt.tokenizer.pad_token_id, device=self.rt.device)
+        return collate_preference(examples, self.rt.tokenizer.pad_token_id, device=self.rt.device,
+                                  pack=self.cfg.data.pack)
 
     def compute_loss(self, batch):
-        kw = {}
+        kw = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
         if self.needs_reference:
-            ref = self.rt.reference.sequence_logps(batch)
-            p = ref.shape[0] // 2
-            kw["ref_logps"] = (ref[:p], ref[p:])
+            kw["ref_logps"] = split_pairs(self.rt.reference.sequence_logps(batch), batch)
         hidden = decoder_hidden(self.rt.model, batch)
         w, b = lm_head(self.rt.model)
         return self.loss_fn(hidden, w, batch["targets"], bias=b, **kw)

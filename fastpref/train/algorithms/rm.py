@@ -1,7 +1,8 @@
 """Reward model: a scalar head on the last non-padding token (``AutoModelForSequenceClassification``,
 ``num_labels=1``) trained with the Bradley-Terry loss of ``fastpref.losses.reward_model_loss`` on
 (prompt, chosen, rejected) pairs. The head is ``hidden @ w_score``, so there are no vocabulary logits at all.
-``final/`` loads with ``AutoModelForSequenceClassification.from_pretrained``.
+``final/`` loads with ``AutoModelForSequenceClassification.from_pretrained``. Always padded (``data.pack`` is
+ignored): the classification head pools the last non-padding token of each row.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ class SFT(Algorithm):
     data_kind = "sft"
 
     def collate(self, examples):
-        return collate_single(examples, self.rt.tokenizer.pad_token_id, device=self.rt.device)
+        return collate_single(examples, self.rt.tokenizer.pad_token_id, device=self.rt.device,
+                              pack=self.cfg.data.pack)
 
     def compute_loss(self, batch):
         from fastpref.ops import linear_cross_entropy
