@@ -41,7 +41,8 @@ class CharTokenizer:
         return [self._ids.get(c, self.unk_token_id) for c in text]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Text of ``ids``; special tokens are dropped (or shown as ``<eos>``... with skip_special_tokens=False)."""
+        """Text of ``ids``; special tokens are dropped, or written as ``<pad>``/``<eos>``/``<unk>`` when
+        ``skip_special_tokens=False``."""
         out = []
         for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
             if i >= 3:
