@@ -167,16 +167,22 @@ def test_pack_pairs_interleaves_chosen_and_rejected():
     assert b.completion_lengths.tolist() == [1, 2, 1, 1]
 
 
-def _tiny():
+def _tiny(pack: bool = False):
     cfg = Config()
     cfg.model.tiny.hidden_size, cfg.model.tiny.intermediate_size = 32, 64
+    cfg.data.pack = pack
     tok = build_tokenizer(cfg)
     return build_model(cfg, tok).double(), tok
 
 
-def test_packed_logps_match_full_logits_per_sequence():
-    """Per-token log-probs from the packed path vs an independent fp64 forward of each sequence alone."""
-    model, tok = _tiny()
+@pytest.mark.parametrize("packed_attention", [False, True], ids=["padded-trunk", "varlen-trunk"])
+def test_packed_logps_match_full_logits_per_sequence(packed_attention):
+    """Per-token log-probs from the packed path vs an independent fp64 forward of each sequence alone, with the
+    trunk run padded (sdpa) or packed (``attn_implementation="fastpref"``, data.pack=true)."""
+    model, tok = _tiny(pack=packed_attention)
+    assert (model.config._attn_implementation == "fastpref") == packed_attention
+    oracle, _ = _tiny(pack=False)             # the same weights through transformers' own SDPA attention
+    oracle.load_state_dict(model.state_dict())
     prompts = [tok.encode("1+2="), tok.encode("3*3=")]
     comps = [tok.encode("3") + [tok.eos_token_id], tok.encode("90")]
     b = pack(prompts, comps)
@@ -184,7 +190,7 @@ def test_packed_logps_match_full_logits_per_sequence():
     seq = common.sequence_logps(model, b)
     for i, (p, c) in enumerate(zip(prompts, comps)):
         ids = torch.tensor([p + c])
-        full = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        full = torch.log_softmax(oracle(input_ids=ids).logits[0].double(), -1)
         want = torch.stack([full[len(p) - 1 + j, t] for j, t in enumerate(c)])
         s, e = b.cu_seqlens_cpu[i], b.cu_seqlens_cpu[i + 1]
         got = logp[s:e][b.targets[s:e] != -100]
@@ -192,7 +198,7 @@ def test_packed_logps_match_full_logits_per_sequence():
         torch.testing.assert_close(seq[i].double(), want.sum(), rtol=1e-6, atol=1e-6)
     # the trunk's hidden states of the packed batch equal a single-sequence forward
     h = policy_hidden(model, b)
-    alone = model.get_decoder()(input_ids=torch.tensor([prompts[1] + comps[1]])).last_hidden_state[0]
+    alone = oracle.get_decoder()(input_ids=torch.tensor([prompts[1] + comps[1]])).last_hidden_state[0]
     torch.testing.assert_close(h[b.cu_seqlens_cpu[1]:], alone)
 
 
@@ -238,6 +244,7 @@ def test_generation_config_errors():
 
 @pytest.mark.parametrize("config,overrides", [
     ("examples/grpo_arith.yaml", []),
+    ("examples/grpo_arith.yaml", ["data.pack=true", "grpo.beta=0.05", "reference.mode=copy"]),
     ("examples/ppo_arith.yaml", []),
     ("examples/online_dpo.yaml", []),
     ("examples/online_dpo.yaml", ["algorithm=dice", "dice.generation.max_new_tokens=2"]),

@@ -11,9 +11,10 @@ Stages (``generate`` is timed in ``Rollout.timings``, the algorithms time the ot
    packed-batch convention of ``fastpref.ops`` (``targets`` shifted, ``-100`` on prompt tokens and on the
    last token; ``cu_seqlens`` with a CPU copy for chunk planning).
 3. ``forward``: ``policy_hidden`` runs the decoder trunk only (never the ``[tokens, vocab]`` logits) and
-   returns the packed ``hidden [N, H]``; the losses then use the fused LM-head kernels. The trunk runs on the
-   right-padded ``[S, L]`` batch and the valid positions are gathered back into the packed layout (exactly
-   equal results, padding FLOPs spent; the packed varlen-attention forward is not wired in here yet).
+   returns the packed ``hidden [N, H]``; the losses then use the fused LM-head kernels. With the model loaded
+   for packing (``data.pack=true``: ``attn_implementation="fastpref"``, varlen attention) the trunk runs on the
+   packed tokens; otherwise on the right-padded ``[S, L]`` batch, gathered back into the packed layout (same
+   result, padding FLOPs spent).
 """
 
 from __future__ import annotations
@@ -263,13 +264,18 @@ def pack_rollout(rollout: Rollout, device=None) -> PackedBatch:
 
 
 def policy_hidden(model, batch: PackedBatch, pad_id: int = 0) -> torch.Tensor:
-    """Last hidden states ``[N, H]`` of the decoder trunk (no LM head) for the packed ``batch``.
+    """Last hidden states ``[N, H]`` of the decoder trunk (no LM head) for the packed ``batch``; differentiable.
 
-    The trunk (``fastpref.train.modeling.decoder_hidden``, PEFT-aware) runs right-padded ``[S, L]`` with an
-    attention mask and the valid positions are gathered back (see the module docstring); differentiable.
+    A model loaded with ``attn_implementation="fastpref"`` (``data.pack=true``) runs on the packed tokens
+    directly (varlen attention, boundaries from ``position_ids``); otherwise the trunk runs right-padded
+    ``[S, L]`` with an attention mask and the valid positions are gathered back. Both go through
+    ``fastpref.train.modeling.decoder_hidden`` (PEFT-aware).
     """
-    from fastpref.train.modeling import decoder_hidden
+    from fastpref.train.modeling import base_model, decoder_hidden
 
+    if getattr(base_model(model).config, "_attn_implementation", None) == "fastpref":
+        return decoder_hidden(model, {"input_ids": batch.input_ids[None], "position_ids": batch.position_ids[None],
+                                      "cu_seqlens": batch.cu_seqlens})
     cu = batch.cu_seqlens_cpu
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     S, L = len(lens), max(lens)
