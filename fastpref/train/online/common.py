@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastpref.losses.fused_preference import FusedLinearDPOLoss
 from fastpref.losses.preference import DPO_LOSS_TYPES, dpo_loss
 from fastpref.ops import linear_logprobs, segment_sum
 from fastpref.rewards import get_reward_fn, score_rewards
@@ -369,15 +370,19 @@ class PairDPOConfig(OnlineConfig):
 
 class PairDPOAlgorithm(OnlineAlgorithm):
     """Base of online DPO, Self-Rewarding, SPIN, DICE and APO: make pairs from generations, train DPO on them
-    against a reference that is refreshed to the current policy every ``steps_per_iteration`` steps.
+    (``FusedLinearDPOLoss`` on the interleaved packed pairs: hidden states + LM head, no logits) against a
+    reference that is refreshed to the current policy every ``steps_per_iteration`` steps.
 
     Subclasses implement ``make_pairs(examples) -> list[Pair]``. A step with no pair (every group tied) trains
     nothing: ``compute_loss`` returns a zero loss and ``pairs/count = 0`` is logged.
     """
 
     needs_reference = True
-    pair_loss = staticmethod(dpo_loss)
-    """The pair objective (``dpo_loss``; SPIN uses ``spin_loss``), called on per-sequence log-probs."""
+
+    def __init__(self, cfg, rt):
+        super().__init__(cfg, rt)
+        sec = self.sec
+        self.loss_fn = FusedLinearDPOLoss(beta=sec.beta, loss_type=sec.loss_type, rdpo_alpha=sec.length_alpha)
 
     def make_pairs(self, examples: list[dict]) -> list[Pair]:
         raise NotImplementedError
@@ -403,13 +408,10 @@ class PairDPOAlgorithm(OnlineAlgorithm):
     def compute_loss(self, batch: dict):
         if batch["packed"] is None:
             return zero_loss(self.rt.model), {}
-        sec, packed = self.sec, batch["packed"]
-        pi = sequence_logps(self.rt.model, packed, pad_id=self.pad_id)
-        ref = batch["ref"]
-        lens = packed.completion_lengths.float()
-        return self.pair_loss(pi[0::2], pi[1::2], ref[0::2], ref[1::2], beta=sec.beta, loss_type=sec.loss_type,
-                              chosen_lengths=lens[0::2], rejected_lengths=lens[1::2], rdpo_alpha=sec.length_alpha,
-                              validate=False)
+        packed, ref = batch["packed"], batch["ref"]
+        w, b = lm_head(self.rt.model)
+        return self.loss_fn(policy_hidden(self.rt.model, packed, self.pad_id), w, packed.targets, bias=b,
+                            cu_seqlens=packed.cu_seqlens_cpu, ref_logps=(ref[0::2], ref[1::2]))
 
     def on_step_end(self, step: int) -> None:
         super().on_step_end(step)

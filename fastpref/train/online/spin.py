@@ -1,9 +1,9 @@
 """SPIN, self-play fine-tuning (Chen et al. 2024, arXiv:2401.01335), from SFT data only.
 
 Each pair is the gold response (chosen) against the *opponent's* generation (rejected) for the same prompt; the
-opponent is the previous iterate, i.e. the frozen reference, which is also the DPO reference. The loss is
-``fastpref.losses.preference.spin_loss`` (the DPO form; ``loss_type`` sigmoid = the paper's logistic loss, hinge
-its other choice). Every ``steps_per_iteration`` steps the reference/opponent becomes the current policy.
+opponent is the previous iterate, i.e. the frozen reference, which is also the DPO reference. The loss is the DPO
+form of ``fastpref.losses.preference.spin_loss`` (computed fused, by ``FusedLinearDPOLoss``; ``loss_type``
+sigmoid = the paper's logistic loss, hinge its other choice). Every ``steps_per_iteration`` steps the reference/opponent becomes the current policy.
 Pairs whose generation equals the gold response carry no gradient and are dropped (counted in
 ``spin/identical``). The paper generates the whole SFT set once per iteration; here the opponent generates
 for each step's prompts, which is the same distribution (the opponent is frozen within an iteration).
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastpref.losses.preference import spin_loss
 from fastpref.train.algorithms.base import register_algorithm
 from fastpref.train.online.common import Pair, PairDPOAlgorithm, PairDPOConfig
 
@@ -43,7 +42,6 @@ class SPIN(PairDPOAlgorithm):
 
     config_class = SPINConfig
     data_kind = "sft"
-    pair_loss = staticmethod(spin_loss)
 
     def make_pairs(self, examples: list[dict]) -> list[Pair]:
         ro = self.rollout(examples, model=self.ref_module(), num_generations=1)
