@@ -2,8 +2,8 @@
 
 The model is a Llama built from a config (no download; random init, seeded, the same weights for every
 provider), the batch is random token ids with right padding, a prompt (unscored) and a response (scored).
-Reference log-probs (DPO) and old log-probs (GRPO) are precomputed inputs, as with TRL's
-``precompute_ref_log_probs`` / a rollout's stored log-probs, so every provider does the same work:
+Reference log-probs (DPO) and old log-probs (GRPO) are precomputed inputs (the initial model's own, plus noise),
+as with TRL's ``precompute_ref_log_probs`` / a rollout's stored log-probs, so every provider does the same work:
 
 * ``fastpref``: decoder hidden states ``[B, T, H]`` (``fastpref.train.modeling.decoder_hidden``) into
   ``FusedLinearDPOLoss`` / ``FusedLinearPolicyLoss`` (no ``[B, T, V]`` logits).
@@ -58,12 +58,11 @@ def _inputs(kind: str):
         g = torch.Generator(device="cpu").manual_seed(0)
         rows = 2 * p["B"] if kind == "dpo" else p["G"]
         x = _batch(p, rows, device, g)
-        if kind == "dpo":
-            x["ref"] = -(torch.rand(rows, generator=g) * 10 + 5.0 * p["T"]).to(device)  # summed ref log-probs
-        else:
+        if kind == "grpo":
             r = torch.randn(rows, generator=g)
             x["advantages"] = ((r - r.mean()) / (r.std() + 1e-4)).to(device)
-            x["old"] = None  # filled from the model at the first build (on-policy-ish, ratios near 1)
+        # reference (DPO) / old (GRPO) log-probs: filled from the model at the first build, plus noise
+        x["ref"] = x["old"] = None
         return x
     return make
 
@@ -104,11 +103,17 @@ def _provider(kind: str, path: str):
             from trl.trainer.utils import add_fused_lm_head
 
             add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
-        if kind == "grpo" and x["old"] is None:
+        if x["ref"] is None and x["old"] is None:
             with torch.no_grad():
                 h = _hidden(model, x)
                 w = model.get_output_embeddings().weight
-                x["old"] = torch.stack([naive_token_logps(h[i], w, x["targets"][i]) for i in range(h.shape[0])])
+                tok = torch.stack([naive_token_logps(h[i], w, x["targets"][i]) for i in range(h.shape[0])])
+                g = torch.Generator(device="cpu").manual_seed(1)
+                noise = torch.randn(tok.shape, generator=g).to(tok.device) * (x["targets"] != -100)
+                if kind == "dpo":
+                    x["ref"] = (tok + 0.05 * noise).sum(-1)
+                else:
+                    x["old"] = tok + 0.05 * noise
         packed = _pack(x, kind) if path == "fastpref-packed" else None
         mask = (x["targets"] != -100).float()
         if path.startswith("fastpref"):
