@@ -126,17 +126,19 @@ def test_grpo_resume_mid_rollout_continues_identically():
     assert_same_params(a.rt.model, b.rt.model)
 
 
-def test_grpo_config_errors():
+def test_grpo_config_errors(tmp_path):
     with pytest.raises(ValueError, match="loss_type"):
         make_algo("grpo", loss_type="ppo")
     with pytest.raises(ValueError, match="num_generations"):
         make_algo("grpo", gen_num_generations=1)
     with pytest.raises(ValueError, match="overlong_cache_length"):
         make_algo("grpo", overlong_cache_length=9, gen_max_new_tokens=4)
-    algo, ex = make_algo("grpo", beta=0.1, ref=False)
-    algo.rt.reference.mode = "none"
-    with pytest.raises(ValueError, match="reference"):
-        run_steps(algo, ex, 1)
+    from fastpref.train.config import ConfigError
+    from fastpref.train.trainer import Trainer
+
+    cfg = _trainer_cfg(tmp_path, "noref", **{"grpo.beta": 0.1})   # reference.mode=auto -> none
+    with pytest.raises(ConfigError, match="grpo.beta=0.1 needs a reference"):
+        Trainer(cfg, quiet=True).run()
 
 
 def _trainer_cfg(tmp_path, name, **over):

@@ -103,6 +103,9 @@ class GRPO(OnlineAlgorithm):
         super().__init__(cfg, rt)
         self._pool: list[dict] = []  # prompts seen (refill candidates)
         sec = self.sec
+        if sec.beta > 0 and getattr(rt.reference, "mode", "none") not in ("copy", "lora_base"):
+            raise ValueError(f"grpo.beta={sec.beta} needs a reference: set reference.mode=copy (or lora_base with "
+                             f"LoRA); got {getattr(rt.reference, 'mode', None)!r}")
         self.loss_fn = FusedLinearPolicyLoss(
             sec.loss_type, eps_low=sec.epsilon_low, eps_high=sec.epsilon_high, beta=sec.beta,
             kl_estimator=sec.kl_estimator, delta=sec.delta, max_completion_length=sec.generation.max_new_tokens,
