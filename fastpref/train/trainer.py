@@ -384,6 +384,8 @@ class Trainer:
         load_builtin_algorithms()
         algo_cls = ALGORITHMS[cfg.algorithm]
         self.device = _device(cfg)
+        if self.device.type == "cpu" and cfg.train.cpu_threads:
+            torch.set_num_threads(cfg.train.cpu_threads)
         self.rank, self.world = _init_distributed(self.device)
         _seed_all(cfg.train.seed)
         tokenizer = build_tokenizer(cfg)
