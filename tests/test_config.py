@@ -14,7 +14,8 @@ def test_yaml_then_overrides_with_coercion(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("algorithm: kto\nloss:\n  beta: 0.3\ntrain:\n  max_steps: 7\nmodel:\n  lora:\n    r: 4\n")
     cfg = load_config(str(p), ["loss.beta=0.25", "train.batch_size=3", "model.lora.enabled=true",
-                               "model.lora.target_modules=[q_proj,v_proj]", "optim.max_grad_norm=null", "train.cpu_threads=2",
+                               "model.lora.target_modules=[q_proj,v_proj]", "optim.max_grad_norm=null",
+                               "train.cpu_threads=2",
                                "data.train_files=a.json,b.jsonl", "optim.lr=1e-3"])
     assert cfg.algorithm == "kto" and cfg.train.max_steps == 7 and cfg.model.lora.r == 4
     assert cfg.loss.beta == 0.25 and isinstance(cfg.loss.beta, float)
