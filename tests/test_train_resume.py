@@ -65,7 +65,9 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, warmup, extra):
 def test_resume_refuses_a_different_config(tmp_path):
     out = tmp_path / "run"
     Trainer(_cfg(out, "train.sft_warmup_steps=0"), quiet=True, stop_after=2).run()
+    before = (out / "config.yaml").read_text()
     with pytest.raises(ConfigError, match=r"model.tiny"):
         Trainer(_cfg(out, "train.sft_warmup_steps=0", "model.tiny.hidden_size=32"), quiet=True).run()
+    assert (out / "config.yaml").read_text() == before  # refused before anything was overwritten
     with pytest.raises(ConfigError, match="not a checkpoint directory"):
         Trainer(_cfg(out, f"resume={tmp_path}"), quiet=True).run()

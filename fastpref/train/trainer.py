@@ -303,7 +303,8 @@ class Trainer:
             raise ConfigError(f"resume={r!r}: not a checkpoint directory (no trainer_state.json)")
         return r
 
-    def _load(self, path: str) -> int:
+    def _check_identity(self, path: str) -> None:
+        """Refuse a checkpoint written with another model / data / algorithm (before anything is overwritten)."""
         with open(os.path.join(path, "trainer_state.json")) as fh:
             st = json.load(fh)
         mine = _identity(self.cfg)
@@ -311,6 +312,10 @@ class Trainer:
             if mine.get(k) != v:
                 raise ConfigError(f"resume: checkpoint {path} was written with {k}={v!r}, this run has "
                                   f"{k}={mine.get(k)!r} (use resume=none or another output_dir)")
+
+    def _load(self, path: str) -> int:
+        with open(os.path.join(path, "trainer_state.json")) as fh:
+            st = json.load(fh)
         load_trainable_state(self.model, torch.load(os.path.join(path, "model.pt"), map_location=self.device))
         self.opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device))
         self.sched.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
@@ -393,6 +398,8 @@ class Trainer:
         ref_mode = self._reference_mode(algo_cls)
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         resume_path = self._resume_from()
+        if resume_path is not None:
+            self._check_identity(resume_path)
         if self.rank == 0:
             os.makedirs(self.out, exist_ok=True)
             with open(os.path.join(self.out, "config.yaml"), "w") as fh:
