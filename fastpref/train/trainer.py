@@ -408,6 +408,7 @@ class Trainer:
                 if os.path.exists(self.metrics_path):
                     os.remove(self.metrics_path)
                 shutil.rmtree(os.path.join(self.out, _CKPT), ignore_errors=True)
+                shutil.rmtree(os.path.join(self.out, "tensorboard"), ignore_errors=True)
         self._barrier()
 
         self.model = build_model(cfg, tokenizer, algo_cls.model_kind).to(self.device)
