@@ -319,14 +319,20 @@ def _bwd_dq_kernel(
 
 # --------------------------------------------------------------------------------------------------- launchers
 
-def _blocks(head_dim: int, *, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). Small blocks under the interpreter (tiny test shapes)."""
+def _blocks(head_dim: int, kernel: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for ``kernel`` in fwd/dkdv/dq. Small blocks under the interpreter.
+
+    GPU choices compile for sm_90 without register spills (tests/test_varlen_attention.py checks this);
+    not tuned on hardware yet.
+    """
     block_d = max(16, triton.next_power_of_2(head_dim))
     if triton_interpret():
         return 16, 16, block_d, 4
-    if backward:
-        return (64, 64, block_d, 4) if block_d <= 64 else (32, 64, block_d, 4)
-    return (128, 64, block_d, 8) if block_d <= 64 else (64, 64, block_d, 4)
+    if kernel == "fwd":
+        return 128, 64, block_d, 8
+    if block_d <= 64:
+        return 64, 64, block_d, 4
+    return (32, 64, block_d, 8) if kernel == "dkdv" else (64, 32, block_d, 8)
 
 
 def _dot_fp32(q: torch.Tensor) -> bool:
@@ -371,7 +377,7 @@ def varlen_attn_fwd(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, 
     lse = torch.zeros((hq, total), device=q.device, dtype=torch.float32)
     if total == 0 or n_seq <= 0 or max_seqlen <= 0:
         return out, lse
-    bm, bn, bd, warps = _blocks(d, backward=False)
+    bm, bn, bd, warps = _blocks(d, "fwd")
     pk_start, pk_end = (prefix[0], prefix[1]) if prefix is not None else (cu_seqlens, cu_seqlens)
     grid = (triton.cdiv(max_seqlen, bm), n_seq * hq)
     _fwd_kernel[grid](
@@ -394,15 +400,15 @@ def varlen_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softma
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if total == 0 or n_seq <= 0 or max_seqlen <= 0:
         return dq, dk, dv
-    bm, bn, bd, warps = _blocks(d, backward=True)
     delta = torch.empty_like(lse)
     _bwd_preprocess_kernel[(triton.cdiv(total, 64), hq)](
         out, dout, delta, total, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0), d,
-        BLOCK_M=64, BLOCK_D=bd,
+        BLOCK_M=64, BLOCK_D=max(16, triton.next_power_of_2(d)),
     )
     has_prefix = prefix is not None
     pk_start, pk_end, qc_end = prefix if has_prefix else (cu_seqlens, cu_seqlens, cu_seqlens)
     scale_log2 = softmax_scale * LOG2E
+    bm, bn, bd, warps = _blocks(d, "dkdv")
     _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, bn), n_seq * hkv)](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens, qc_end, softmax_scale, scale_log2,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -410,6 +416,7 @@ def varlen_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softma
         hkv, hq // hkv, d,
         CAUSAL=causal, DOT_FP32=_dot_fp32(q), HAS_PREFIX=has_prefix, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
     )
+    bm, bn, bd, warps = _blocks(d, "dq")
     _bwd_dq_kernel[(triton.cdiv(max_seqlen, bm), n_seq * hq)](
         q, k, v, dout, lse, delta, dq, cu_seqlens, pk_start, pk_end, softmax_scale, scale_log2,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -131,3 +131,42 @@ def test_gpu_bf16_real_size_vs_fp32_twin(d):
         res[impl] = (o, *torch.autograd.grad(o, x, go.to(dt)))
     for i, name in enumerate(("out", "dq", "dk", "dv")):
         assert_close_to_ref(name, res["torch64"][i], res["torch"][i], res["triton"][i], dtype=torch.bfloat16)
+
+
+_PTRS_FP32 = {"LSE", "DELTA"}
+_PTRS_I32 = {"CU", "PK_START", "PK_END", "QC_END"}
+_FLOATS = {"qk_scale_log2", "softmax_scale"}
+
+
+@pytest.mark.parametrize("kernel", ["_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_preprocess_kernel"])
+@pytest.mark.parametrize("d,prefix", [(64, False), (128, True)])
+def test_compiles_for_sm90_without_spills(kernel, d, prefix, monkeypatch):
+    """The launcher's bf16 configurations compile for H100 (sm_90) without register spills (no GPU needed)."""
+    from fastpref.kernels import varlen_attention as kva
+    from fastpref.testing import compile_for_gpu, ptxas_available
+
+    if not ptxas_available():
+        pytest.skip("the triton wheel has no ptxas")
+    monkeypatch.setattr(kva, "triton_interpret", lambda: False)
+    which = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq"}.get(kernel, "dkdv")
+    bm, bn, bd, warps = kva._blocks(d, which)
+    fn = getattr(kva, kernel)
+    consts = {"BLOCK_M": bm if kernel != "_bwd_preprocess_kernel" else 64, "BLOCK_D": bd}
+    if kernel != "_bwd_preprocess_kernel":
+        consts.update(BLOCK_N=bn, CAUSAL=True, DOT_FP32=False, HAS_PREFIX=prefix)
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            continue
+        if name in _PTRS_FP32:
+            sig[name] = "*fp32"
+        elif name in _PTRS_I32:
+            sig[name] = "*i32"
+        elif name in _FLOATS:
+            sig[name] = "fp32"
+        elif name.isupper():
+            sig[name] = "*bf16"
+        else:
+            sig[name] = "i32"
+    res = compile_for_gpu("fastpref.kernels.varlen_attention", kernel, sig, consts, num_warps=warps)
+    assert res["stack"] == 0, f"register spills: {res}"
