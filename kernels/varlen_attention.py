@@ -31,8 +31,6 @@ test sizes) are padded to ``BLOCK_D`` with masked loads.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -425,8 +423,3 @@ def varlen_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softma
         CAUSAL=causal, DOT_FP32=_dot_fp32(q), HAS_PREFIX=has_prefix, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
     )
     return dq, dk, dv
-
-
-def default_softmax_scale(head_dim: int) -> float:
-    """``1 / sqrt(head_dim)``."""
-    return 1.0 / math.sqrt(head_dim)

@@ -125,12 +125,13 @@ def test_gpu_deterministic_bf16():
 def test_gpu_bf16_real_size_vs_fp32_twin(d):
     lens, cu, q, k, v, go = _gpu_case(torch.bfloat16, total=8192, d=d)
     res = {}
-    for impl, dt in (("torch64", torch.float64), ("torch", torch.bfloat16), ("triton", torch.bfloat16)):
+    for name, impl, dt in (("fp64", "torch", torch.float64), ("torch", "torch", torch.bfloat16),
+                           ("triton", "triton", torch.bfloat16)):
         x = [t.to(dt).requires_grad_() for t in (q, k, v)]
-        o = varlen_attention(*x, cu, max(lens), impl=impl[:5] if impl != "torch64" else "torch")
-        res[impl] = (o, *torch.autograd.grad(o, x, go.to(dt)))
+        o = varlen_attention(*x, cu, max(lens), impl=impl)
+        res[name] = (o, *torch.autograd.grad(o, x, go.to(dt)))
     for i, name in enumerate(("out", "dq", "dk", "dv")):
-        assert_close_to_ref(name, res["torch64"][i], res["torch"][i], res["triton"][i], dtype=torch.bfloat16)
+        assert_close_to_ref(name, res["fp64"][i], res["torch"][i], res["triton"][i], dtype=torch.bfloat16)
 
 
 _PTRS_FP32 = {"LSE", "DELTA"}

@@ -75,7 +75,7 @@ class PaddedBatch:
                              (self.input_ids, self.attention_mask, self.position_ids, self.targets, self.seq_index)))
 
 
-def _checked(examples: list[dict], unit_size: int, ignore_index: int) -> list[tuple[list[int], list[int]]]:
+def _checked(examples: list[dict], unit_size: int) -> list[tuple[list[int], list[int]]]:
     if not isinstance(unit_size, int) or unit_size < 1:
         raise ValueError(f"unit_size must be a positive int, got {unit_size!r}")
     if not examples:
@@ -123,7 +123,7 @@ def pack_examples(examples: list[dict], max_tokens: int, *, unit_size: int = 1,
     than ``max_tokens``."""
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
-    seqs = _checked(examples, unit_size, ignore_index)
+    seqs = _checked(examples, unit_size)
     n_units = len(seqs) // unit_size
     sizes = [sum(len(seqs[u * unit_size + j][0]) for j in range(unit_size)) for u in range(n_units)]
     for u, n in enumerate(sizes):
@@ -159,7 +159,7 @@ def collate_padded(examples: list[dict], pad_id: int, *, unit_size: int = 1,
                    ignore_index: int = IGNORE_INDEX) -> PaddedBatch:
     """Right-padded rows with the same target convention as ``pack_examples``. For pairs (``unit_size=2``,
     examples given as chosen, rejected, chosen, ...) rows follow TRL: all chosen first, then all rejected."""
-    seqs = _checked(examples, unit_size, ignore_index)
+    seqs = _checked(examples, unit_size)
     order = list(range(len(seqs)))
     if unit_size == 2:
         order = order[0::2] + order[1::2]
