@@ -157,7 +157,8 @@ def get_reward_fn(spec: str | RewardFn | Sequence) -> RewardFn:
                 raise ValueError(f"reward: {spec!r} is not callable")
             return obj
         raise ValueError(f"reward: unknown reward function {spec!r}; expected one of "
-                         f"{sorted(REGISTRY) + ['arith']}, 'format:<regex>', 'length:<n>', 'module:function' or a list of pairs")
+                         f"{sorted(REGISTRY) + ['arith']}, 'format:<regex>', 'length:<n>', 'module:function' or a "
+                         "list of pairs")
     if isinstance(spec, (list, tuple)):
         return combine(*[(get_reward_fn(s), float(w)) for s, w in spec])
     raise ValueError(f"reward: expected a callable, a name or a list of [name, weight], got {type(spec).__name__}")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from test_online_common import one_cpu_thread  # noqa: F401  (autouse fixture: one CPU thread)
 from test_online_common import assert_same_params, make_algo, restore, run_steps, snapshot
 
 from fastpref.data.arith import arith_sft_rows

@@ -25,6 +25,16 @@ from fastpref.train.rollout import GenerationConfig, generate, pack, policy_hidd
 
 # ------------------------------------------------------------------------------------------------ harness
 
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """Tiny models on a shared 2-core machine run fastest on one intra-op thread (as the trainer's
+    ``train.cpu_threads`` default); the other ``test_online_*`` files import this fixture."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_algo(name: str, *, rows=None, n_rows: int = 64, seed: int = 0, ref: bool | None = None, **section):
     """(algorithm, examples) for ``name`` with a tiny model; ``gen_<field>`` keys set ``generation`` fields."""
     import fastpref.train.online  # noqa: F401  (registers)

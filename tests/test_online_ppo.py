@@ -4,6 +4,7 @@ against a naive per-sequence recomputation, the packed <-> padded conversion, an
 from __future__ import annotations
 
 import torch
+from test_online_common import one_cpu_thread  # noqa: F401  (autouse fixture: one CPU thread)
 from test_online_common import assert_same_params, make_algo, restore, run_steps, snapshot
 
 from fastpref.data.arith import arith_reward

@@ -2,12 +2,12 @@
 
 Per step (Shao et al. 2024, arXiv:2402.03300; TRL's ``GRPOTrainer``):
 
-1. rollout: ``prompts_per_step`` prompts x ``G = generation.num_generations`` completions (KV-cache generate);
+1. rollout: ``train.batch_size`` prompts x ``G = generation.num_generations`` completions (KV-cache generate);
 2. score: ``reward_fn`` (``fastpref.rewards``); optional DAPO overlong shaping
    (``overlong_cache_length``: ``fastpref.losses.advantages.overlong_penalty`` times ``overlong_coef``);
    optional DAPO *dynamic sampling* (Yu et al. 2025, arXiv:2503.14476): groups whose rewards all agree carry no
    gradient, so they are dropped and more prompts are drawn and generated (at most ``max_refill_rounds``
-   extra rollouts) until the batch holds ``prompts_per_step`` informative groups (or whatever was found);
+   extra rollouts) until the batch holds ``train.batch_size`` informative groups (or whatever was found);
 3. advantages: ``group_advantages`` (``scale_rewards`` group / batch / none);
 4. train: ``num_iterations`` (mu) updates on the rollout with the fused ``FusedLinearPolicyLoss`` of
    ``loss_type`` (hidden states + LM head, eager chunked engine: the logits never exist). With mu > 1
@@ -16,11 +16,11 @@ Per step (Shao et al. 2024, arXiv:2402.03300; TRL's ``GRPOTrainer``):
    per-token KL to a frozen reference (its log-probs also from the fused op in ``no_grad``).
 
 The clip range defaults follow the loss type (DAPO's clip-higher: ``eps_high = 0.28``; GSPO's 3e-4 / 4e-4);
-override with ``epsilon_low`` / ``epsilon_high``. As in TRL, the mu iterations are mu consecutive trainer steps on the same rollout (the
-prompts the trainer hands in meanwhile go to the refill pool). Differences from TRL: each trainer step uses the
-whole rollout (split into ``train.grad_accum`` micro-batches of whole groups; TRL's ``steps_per_generation``
-is not a separate knob), and dynamic sampling is built in (TRL leaves it to the user): refills draw, with the
-seeded sampler, from the prompts seen so far.
+override with ``epsilon_low`` / ``epsilon_high``. As in TRL, the mu iterations are mu consecutive trainer steps on
+the same rollout (the prompts the trainer hands in meanwhile go to the refill pool). Differences from TRL: each
+trainer step uses the whole rollout (split into ``train.grad_accum`` micro-batches of whole groups; TRL's
+``steps_per_generation`` is not a separate knob), and dynamic sampling is built in (TRL leaves it to the user):
+refills draw, with the seeded sampler, from the prompts seen so far.
 """
 
 from __future__ import annotations

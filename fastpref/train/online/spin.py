@@ -2,11 +2,11 @@
 
 Each pair is the gold response (chosen) against the *opponent's* generation (rejected) for the same prompt; the
 opponent is the previous iterate, i.e. the frozen reference, which is also the DPO reference. The loss is the DPO
-form of ``fastpref.losses.preference.spin_loss`` (computed fused, by ``FusedLinearDPOLoss``; ``loss_type``
-sigmoid = the paper's logistic loss, hinge its other choice). Every ``steps_per_iteration`` steps the reference/opponent becomes the current policy.
-Pairs whose generation equals the gold response carry no gradient and are dropped (counted in
-``spin/identical``). The paper generates the whole SFT set once per iteration; here the opponent generates
-for each step's prompts, which is the same distribution (the opponent is frozen within an iteration).
+form of ``fastpref.losses.preference.spin_loss`` (computed fused, by ``FusedLinearDPOLoss``; ``loss_type`` sigmoid
+= the paper's logistic loss, hinge its other choice). Every ``steps_per_iteration`` steps the reference/opponent
+becomes the current policy. Pairs whose generation equals the gold response carry no gradient and are dropped
+(counted in ``spin/identical``). The paper generates the whole SFT set once per iteration; here the opponent
+generates for each step's prompts, which is the same distribution (the opponent is frozen within an iteration).
 """
 
 from __future__ import annotations
