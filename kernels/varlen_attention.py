@@ -23,7 +23,8 @@ the forward saves ``lse`` (natural-log logsumexp of the scaled scores, ``[Hq, to
 
 Grids are ``(cdiv(max_seqlen, BLOCK), S * heads)``: every program looks its sequence up in ``cu_seqlens`` and
 exits at once when its block starts past the sequence end. Key loops run only over blocks inside the
-sequence and at or below the diagonal (loop bounds); masks are applied only element-wise within those tiles.
+sequence and at or below the diagonal (loop bounds); in the forward and dQ kernels the element mask is applied
+only to the tiles that straddle the diagonal or a sequence end (the dK/dV kernel masks every visited tile).
 Only block sizes, the padded head dim and feature flags are ``tl.constexpr``; ``max_seqlen`` and all sizes
 are runtime values, so new batch shapes never recompile. Head dims that are not a power of two (96, or tiny
 test sizes) are padded to ``BLOCK_D`` with masked loads.
@@ -52,12 +53,14 @@ def _mm(a, b, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _fwd_tile(q, m_i, l_i, acc, K, V, k_tok, kvh, stride_kt, stride_kh, stride_vt, stride_vh,
-              offs_d, d_ok, mask, n_ok, qk_scale_log2, DOT_FP32: tl.constexpr):
-    """Fold one key block (absolute token indices ``k_tok``) into the running softmax state of a query block."""
+              offs_d, d_ok, mask, n_ok, qk_scale_log2, DOT_FP32: tl.constexpr, MASKED: tl.constexpr):
+    """Fold one key block (absolute token indices ``k_tok``) into the running softmax state of a query block.
+    ``MASKED`` false: a tile wholly inside the visible range, the element mask is not applied."""
     k = tl.load(K + k_tok[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
                 mask=n_ok[None, :] & d_ok[:, None], other=0.0)                       # [BLOCK_D, BLOCK_N]
     s = _mm(q, k, DOT_FP32) * qk_scale_log2                                                # base-2 scaled scores
-    s = tl.where(mask, s, float("-inf"))
+    if MASKED:
+        s = tl.where(mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                          # rows with no key yet
     alpha = tl.exp2(m_i - m_safe)
@@ -113,22 +116,37 @@ def _fwd_kernel(
     if HAS_PREFIX:
         ps = tl.load(PK_START + seq)
         pe = tl.load(PK_END + seq)
-        for n0 in range(ps, pe, BLOCK_N):
+        p_full = ps + ((pe - ps) // BLOCK_N) * BLOCK_N
+        for n0 in range(ps, p_full, BLOCK_N):
             k_tok = n0 + offs_n
             n_ok = k_tok < pe
             m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, K, V, k_tok, kvh, stride_kt, stride_kh, stride_vt,
-                                      stride_vh, offs_d, d_ok, n_ok[None, :], n_ok, qk_scale_log2, DOT_FP32)
+                                      stride_vh, offs_d, d_ok, n_ok[None, :], n_ok, qk_scale_log2, DOT_FP32, False)
+        for n0 in range(p_full, pe, BLOCK_N):
+            k_tok = n0 + offs_n
+            n_ok = k_tok < pe
+            m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, K, V, k_tok, kvh, stride_kt, stride_kh, stride_vt,
+                                      stride_vh, offs_d, d_ok, n_ok[None, :], n_ok, qk_scale_log2, DOT_FP32, True)
+    # key blocks [0, split) are wholly visible (below the diagonal / inside the sequence): no element mask;
+    # [split, hi) straddle the diagonal or the sequence end; blocks past hi are skipped
     hi = L
+    split = (L // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        hi = tl.minimum(L, m0 + BLOCK_M)  # blocks above the diagonal are skipped
-    for n0 in range(0, hi, BLOCK_N):
+        hi = tl.minimum(L, m0 + BLOCK_M)
+        split = m0  # BLOCK_M is a multiple of BLOCK_N
+    for n0 in range(0, split, BLOCK_N):
+        kn = n0 + offs_n
+        n_ok = kn < L
+        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, K, V, start + kn, kvh, stride_kt, stride_kh, stride_vt,
+                                  stride_vh, offs_d, d_ok, n_ok[None, :], n_ok, qk_scale_log2, DOT_FP32, False)
+    for n0 in range(split, hi, BLOCK_N):
         kn = n0 + offs_n
         n_ok = kn < L
         mask = n_ok[None, :]
         if CAUSAL:
             mask = mask & (offs_m[:, None] >= kn[None, :])
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, K, V, start + kn, kvh, stride_kt, stride_kh, stride_vt,
-                                  stride_vh, offs_d, d_ok, mask, n_ok, qk_scale_log2, DOT_FP32)
+                                  stride_vh, offs_d, d_ok, mask, n_ok, qk_scale_log2, DOT_FP32, True)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(O + (start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -241,13 +259,16 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_q_tile(dq, q, do, lse, delta, K, V, k_tok, kvh, mask, n_ok, offs_d, d_ok,
-                stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2, DOT_FP32: tl.constexpr):
-    """Accumulate one key block's contribution to a query block's dQ (unscaled)."""
+                stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2, DOT_FP32: tl.constexpr,
+                MASKED: tl.constexpr):
+    """Accumulate one key block's contribution to a query block's dQ (unscaled); ``MASKED`` as in _fwd_tile."""
     ld = n_ok[:, None] & d_ok[None, :]
     k = tl.load(K + k_tok[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=ld, other=0.0)
     v = tl.load(V + k_tok[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=ld, other=0.0)
     s = _mm(q, tl.trans(k), DOT_FP32) * qk_scale_log2
-    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+    p = tl.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(mask, p, 0.0)
     dp = _mm(do, tl.trans(v), DOT_FP32)
     ds = p * (dp - delta[:, None])
     dq += _mm(ds.to(k.dtype), k, DOT_FP32)
@@ -294,22 +315,37 @@ def _bwd_dq_kernel(
     if HAS_PREFIX:
         ps = tl.load(PK_START + seq)
         pe = tl.load(PK_END + seq)
-        for n0 in range(ps, pe, BLOCK_N):
+        p_full = ps + ((pe - ps) // BLOCK_N) * BLOCK_N
+        for n0 in range(ps, p_full, BLOCK_N):
             k_tok = n0 + offs_n
             n_ok = k_tok < pe
             dq = _bwd_q_tile(dq, q, do, lse, delta, K, V, k_tok, kvh, m_ok[:, None] & n_ok[None, :], n_ok,
-                             offs_d, d_ok, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2, DOT_FP32)
+                             offs_d, d_ok, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2, DOT_FP32,
+                             False)
+        for n0 in range(p_full, pe, BLOCK_N):
+            k_tok = n0 + offs_n
+            n_ok = k_tok < pe
+            dq = _bwd_q_tile(dq, q, do, lse, delta, K, V, k_tok, kvh, m_ok[:, None] & n_ok[None, :], n_ok,
+                             offs_d, d_ok, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2, DOT_FP32,
+                             True)
     hi = L
+    split = (L // BLOCK_N) * BLOCK_N
     if CAUSAL:
         hi = tl.minimum(L, m0 + BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
+        split = m0  # as in the forward
+    for n0 in range(0, split, BLOCK_N):
+        kn = n0 + offs_n
+        n_ok = kn < L
+        dq = _bwd_q_tile(dq, q, do, lse, delta, K, V, start + kn, kvh, n_ok[None, :], n_ok, offs_d, d_ok,
+                         stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2, DOT_FP32, False)
+    for n0 in range(split, hi, BLOCK_N):
         kn = n0 + offs_n
         n_ok = kn < L
         mask = m_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             mask = mask & (offs_m[:, None] >= kn[None, :])
         dq = _bwd_q_tile(dq, q, do, lse, delta, K, V, start + kn, kvh, mask, n_ok, offs_d, d_ok,
-                         stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2, DOT_FP32)
+                         stride_kt, stride_kh, stride_vt, stride_vh, qk_scale_log2, DOT_FP32, True)
     dq = dq * softmax_scale
     tl.store(DQ + q_tok[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=ld)
@@ -327,7 +363,7 @@ def _blocks(head_dim: int, kernel: str) -> tuple[int, int, int, int]:
     if triton_interpret():
         return 16, 16, block_d, 4
     if kernel == "fwd":
-        return 128, 64, block_d, 8
+        return (128, 64, block_d, 8) if block_d <= 64 else (64, 64, block_d, 8)
     if block_d <= 64:
         return 64, 64, block_d, 4
     return (32, 64, block_d, 8) if kernel == "dkdv" else (64, 32, block_d, 8)
