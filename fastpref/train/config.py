@@ -79,6 +79,13 @@ class ModelConfig:
     """Parameter dtype: float32, bfloat16 or float16."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in the backward pass (less memory, ~30% more compute)."""
+    liger: bool | str = "auto"
+    """Liger-Kernel's layer patches (Llama/Mistral/Qwen: RMSNorm, RoPE, SwiGLU; the model type's defaults in Liger)
+    on the decoder, never its cross-entropy patches (the fused losses do that part). ``auto``: applied when
+    training on CUDA with ``liger_kernel`` installed and the model type supported by it (else off; the log says
+    why); ``true``: applied, an error naming the reason when that is not possible; ``false``: off. Liger replaces
+    the RoPE function and the norm/MLP classes in the model's transformers module, so models of the same type
+    built later in the same process get them too."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters (PEFT)."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)

@@ -7,11 +7,17 @@ The trainer never asks a causal LM for logits: :func:`decoder_hidden` runs the d
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import logging
 import os
+from collections.abc import Callable
 
 import torch
 
 from fastpref.train.config import Config, ConfigError
+
+log = logging.getLogger("fastpref.train")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,9 +116,69 @@ def _source(m) -> tuple[str, dict]:
     return name, {"gguf_file": gguf}
 
 
-def build_model(cfg: Config, tokenizer, kind: str = "causal_lm") -> torch.nn.Module:
+_LIGER_LOSS_PATCHES = ("cross_entropy", "fused_linear_cross_entropy")
+
+
+def _runs_on_cuda(cfg: Config) -> bool:
+    """Whether the trainer will put the model on a CUDA device (``train.device``, as the trainer resolves it)."""
+    dev = cfg.train.device
+    return dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())
+
+
+def liger_decision(cfg: Config, model_type: str | None) -> tuple[bool, str]:
+    """``(apply, why)`` for ``model.liger`` and a model of ``model_type`` (its ``config.model_type``).
+
+    ``auto`` applies the patches only on CUDA with ``liger_kernel`` importable and ``model_type`` supported by it;
+    ``true`` raises :class:`ConfigError` where ``auto`` would say no (Liger's kernels are Triton GPU kernels; its
+    RMSNorm and SwiGLU kernels do not even run under the Triton interpreter); ``false`` never applies them."""
+    setting = cfg.model.liger
+    if setting is False:
+        return False, "model.liger=false: Liger's patches off"
+    if setting is not True and setting != "auto":
+        raise ConfigError(f"model.liger={setting!r}: expected auto, true or false")
+    why = None
+    if importlib.util.find_spec("liger_kernel") is None:
+        why = "liger_kernel is not installed (pip install liger-kernel)"
+    elif not _runs_on_cuda(cfg):
+        why = f"the run is not on CUDA (train.device={cfg.train.device}, CUDA available: {torch.cuda.is_available()})"
+    else:
+        try:
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+        except ImportError as e:
+            why = f"liger_kernel cannot be imported ({e})"
+        else:
+            if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+                why = f"liger_kernel has no patches for model type {model_type!r}"
+    if why is None:
+        return True, f"model.liger={str(setting).lower()}"
+    if setting is True:
+        raise ConfigError(f"model.liger=true: cannot apply Liger's kernels: {why}")
+    return False, f"model.liger=auto: Liger's patches off, {why}"
+
+
+def apply_liger(model: torch.nn.Module) -> list[str]:
+    """Apply Liger's kernel patches for ``model.config.model_type`` to the transformers ``model`` (before any PEFT
+    wrapping), keeping the model type's default set of layer patches (Llama, Mistral, Qwen: RMSNorm, RoPE, SwiGLU;
+    Gemma: GeGLU in place of SwiGLU; no RoPE where Liger's does not fit, e.g. DeepSeek) and switching its
+    cross-entropy and fused-linear-cross-entropy patches off. Returns the names of the patches applied."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    fn = MODEL_TYPE_TO_APPLY_LIGER_FN[model.config.model_type]
+    params = inspect.signature(fn).parameters
+    off = {k: False for k in _LIGER_LOSS_PATCHES if k in params}
+    fn(model=model, **off)
+    applied = [k for k, p in params.items() if p.default is True and k not in off]
+    if "kwargs" in params:  # multimodal wrappers pass the rest on to their text model's function
+        applied.append("the text model's default patches")
+    return applied
+
+
+def build_model(cfg: Config, tokenizer, kind: str = "causal_lm",
+                say: Callable[[str], None] | None = None) -> torch.nn.Module:
     """The policy (or reward model for ``kind="sequence_classification"``) on the CPU, in ``model.dtype``,
-    with LoRA adapters and gradient checkpointing as configured. Seeded by ``train.seed`` (tiny init)."""
+    with Liger's patches, LoRA adapters and gradient checkpointing as configured. Seeded by ``train.seed`` (tiny
+    init). ``say`` receives the line telling whether Liger's patches were applied (default: the
+    ``fastpref.train`` logger at INFO)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
     m = cfg.model
@@ -142,6 +208,11 @@ def build_model(cfg: Config, tokenizer, kind: str = "causal_lm") -> torch.nn.Mod
             raise ConfigError(f"model.name_or_path={m.name_or_path!r}: cannot load the model ({e})") from None
         if kind == "sequence_classification" and model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
+    use_liger, why = liger_decision(cfg, model.config.model_type)
+    if use_liger:
+        applied = apply_liger(model)
+        why = f"{why}: applied Liger's {', '.join(applied)} to {model.config.model_type}"
+    (say or log.info)(why)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
