@@ -113,7 +113,7 @@ def compile_for_gpu(module: str, kernel: str, signature: dict, constexprs: dict,
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-_COMPILE_SCRIPT = """
+_COMPILE_SCRIPT = r"""
 import importlib, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget

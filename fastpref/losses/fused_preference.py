@@ -35,8 +35,7 @@ import torch
 
 from fastpref.losses.preference import (BATCH_COUPLED_DPO_LOSS_TYPES, CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES,
                                         cpo_loss, dpo_loss, kto_loss, orpo_loss)
-from fastpref.ops import fused_linear_chunked_loss, linear_logprobs, plan_chunks, segment_sum
-from fastpref.ops._chunks import default_chunk_rows
+from fastpref.ops import default_chunk_rows, fused_linear_chunked_loss, linear_logprobs, plan_chunks, segment_sum
 
 Tensor = torch.Tensor
 

@@ -33,36 +33,52 @@ def chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())
 
 
-def _torch_stats(z: torch.Tensor, targets: torch.Tensor, inv_temp: float):
-    zs = z.float() * inv_temp
+def _torch_stats(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, need_entropy: bool):
+    zs = z.float()
+    if inv_temp != 1.0:
+        zs = zs * inv_temp
     lse = torch.logsumexp(zs, dim=-1)
     valid = (targets >= 0) & (targets < z.shape[1])
     zt = zs.gather(1, targets.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1)
-    zt = torch.where(valid, zt, torch.zeros_like(zt))
-    ent = lse - (torch.softmax(zs, dim=-1) * zs).sum(-1)
+    zt = torch.where(valid, zt, 0.0)
+    # The entropy costs three more passes over the tile: only when someone reads it.
+    ent = lse - (torch.softmax(zs, dim=-1) * zs).sum(-1) if need_entropy else torch.zeros_like(lse)
     return zt, lse, ent
 
 
 def _torch_grad_(z, targets, lse, g, ge, ent, inv_temp):
+    valid = (targets >= 0) & (targets < z.shape[1])
+    rows = torch.arange(z.shape[0], device=z.device)
+    cols = targets.clamp(0, z.shape[1] - 1)
+    if ge is None:
+        # In place on the tile (no [chunk, V] temporaries: on CPU each one costs page faults as well as a pass):
+        # dz = (g onehot - g p) / T with p = exp(z / T - lse).
+        dz = z if z.dtype == torch.float32 else z.float()
+        if inv_temp != 1.0:
+            dz.mul_(inv_temp)
+        dz.sub_(lse.unsqueeze(1)).exp_().mul_((g * -inv_temp).unsqueeze(1))
+        dz[rows, cols] += torch.where(valid, g * inv_temp, 0.0)
+        return dz if dz is z else z.copy_(dz)
     logp = z.float() * inv_temp - lse.unsqueeze(1)
     p = logp.exp()
     dz = p * -g.unsqueeze(1)
-    if ge is not None:
-        dz -= ge.unsqueeze(1) * p * (logp + ent.unsqueeze(1))
-    valid = (targets >= 0) & (targets < z.shape[1])
-    rows = torch.arange(z.shape[0], device=z.device)
-    dz[rows, targets.clamp(0, z.shape[1] - 1)] += torch.where(valid, g, torch.zeros_like(g))
+    dz -= ge.unsqueeze(1) * p * (logp + ent.unsqueeze(1))
+    dz[rows, cols] += torch.where(valid, g, 0.0)
     z.copy_(dz.mul_(inv_temp))
     return z
 
 
-def stats(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, impl: str):
-    """``(target_logit, lse, entropy)`` of ``z * inv_temp``, each ``[rows]`` fp32 (see module docstring)."""
+def stats(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, impl: str, need_entropy: bool = True):
+    """``(target_logit, lse, entropy)`` of ``z * inv_temp``, each ``[rows]`` fp32 (see module docstring).
+
+    With ``need_entropy=False`` the twin skips the entropy (zeros); the Triton kernel computes it in the same
+    single pass anyway.
+    """
     if impl == "triton":
         from fastpref.kernels.logprobs import rows_stats
 
         return rows_stats(z, targets, inv_temp)
-    return _torch_stats(z, targets, inv_temp)
+    return _torch_stats(z, targets, inv_temp, need_entropy)
 
 
 def grad_(z, targets, lse, g, ge, ent, inv_temp: float, impl: str) -> torch.Tensor:

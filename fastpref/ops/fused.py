@@ -83,7 +83,7 @@ class _FusedChunkedLoss(torch.autograd.Function):
         for s, e in zip(bounds[:-1], bounds[1:]):
             tgt = targets[s:e]
             z = _chunks.chunk_logits(hidden[s:e], weight, bias)
-            zt, lse, ent = _chunks.stats(z, tgt, inv_temp, impl)
+            zt, lse, ent = _chunks.stats(z, tgt, inv_temp, impl, need_entropy)
             valid = tgt >= 0
             logp = torch.where(valid, zt - lse, 0.0).requires_grad_(any_grad)
             ent_leaf = torch.where(valid, ent, 0.0).requires_grad_(any_grad) if need_entropy else None

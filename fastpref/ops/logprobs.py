@@ -61,7 +61,7 @@ class _LinearLogprobs(torch.autograd.Function):
             for s in range(0, n, chunk_rows):
                 e = min(s + chunk_rows, n)
                 z = _chunks.chunk_logits(hidden[s:e], weight, bias)
-                zt[s:e], lse[s:e], ent[s:e] = _chunks.stats(z, targets[s:e], inv_temp, impl)
+                zt[s:e], lse[s:e], ent[s:e] = _chunks.stats(z, targets[s:e], inv_temp, impl, want_entropy)
                 del z
         valid = targets >= 0
         logp = torch.where(valid, zt - lse, torch.zeros_like(lse))
