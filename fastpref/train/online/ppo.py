@@ -3,21 +3,38 @@ TRL's ``PPOTrainer``.
 
 Per rollout: sample ``num_generations`` completions per prompt; score them with the reward function or a reward
 model (``reward_model``: a sequence-classification checkpoint, e.g. from ``algorithm=rm``); in ``no_grad``,
-compute the sampling policy's per-token log-probs and values (one trunk pass: the fused LM-head op for the
-log-probs, the value head on the same hidden states) and the reference's log-probs; per-token rewards
-``-kl_coef * KL_t`` plus the score on the last token (``kl_penalty_rewards``); GAE and whitened advantages
-(``gae``). Then ``num_ppo_epochs`` trainer steps on that rollout, each with the clipped policy loss
-(``policy_loss(loss_type="ppo")``: token mean over the batch) plus ``vf_coef`` times the clipped value loss.
+compute the sampling policy's per-token log-probs (the fused LM-head op on the trunk's hidden states), the
+critic's per-token values and the reference's log-probs; per-token rewards ``-kl_coef * KL_t`` plus the score on
+the last token (``kl_penalty_rewards``); GAE and whitened advantages (``gae``). Then ``num_ppo_epochs`` trainer
+steps on that rollout, each with the clipped policy loss (``policy_loss(loss_type="ppo")``: token mean over the
+batch) plus ``vf_coef`` times the clipped value loss (``cliprange_value`` around the rollout's values).
 
-The critic is a linear value head on the policy trunk (``value_head``, attached to the model so that the
-trainer's optimizer, checkpoints and ``final/`` include it; zero-initialised, so the first values are 0).
-Differences from TRL: the critic shares the policy trunk (TRL uses a separate value model initialised from the
-reward model); each PPO epoch is one trainer step over the whole rollout (in ``train.grad_accum``
-micro-batches) instead of TRL's shuffled mini-batches; ``missing_eos_penalty`` is applied as in TRL.
+The critic (``critic``):
+
+* ``shared`` (default): a linear value head on the policy trunk (``value_head``, attached to the model, so the
+  trainer's optimizer and ``final/`` include it; zero-initialised, so the first values are 0). One trunk pass
+  gives the log-probs and the values, and the value loss also trains the trunk. The head's weights are part of
+  the algorithm's checkpointed state as well: with LoRA the trainer's checkpoint holds only the adapters.
+* ``separate``: a value model of its own (:class:`Critic`: a decoder trunk and a linear head ``H -> 1``), as
+  TRL's ``value_model``. ``critic_path`` names its initial weights: a local Hugging Face directory or ``.gguf``
+  file loaded as ``AutoModelForSequenceClassification(num_labels=1)`` (the ``score`` head of an ``algorithm=rm``
+  output is kept, as TRL initialises the value model from the reward model; a causal LM gets a fresh zero head),
+  or, when empty, a copy of the initial policy's trunk (LoRA merged in) with a fresh zero head. It lives on the
+  policy's device in the policy's dtype and trains all its weights with its own AdamW (``critic_lr``; the
+  ``optim`` betas, eps, weight decay, ``max_grad_norm`` and linear warm-up, then constant), stepped in
+  ``on_step_end`` right after the policy's step; the value loss never reaches the policy. Its weights, optimizer
+  and schedule are in the algorithm's checkpointed state (``algorithm.pt``), not in ``final/``.
+
+Differences from TRL: each PPO epoch is one trainer step over the whole rollout (in ``train.grad_accum``
+micro-batches) instead of TRL's shuffled mini-batches; a separate critic's learning rate does not follow
+``optim.schedule``'s decay (the algorithm does not know the run's length). ``missing_eos_penalty`` is applied as
+in TRL.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +44,11 @@ from fastpref.losses.policy import policy_loss, value_loss
 from fastpref.ops import linear_logprobs
 from fastpref.rewards import RewardModelScorer
 from fastpref.train.algorithms.base import register_algorithm
-from fastpref.train.modeling import lm_head
+from fastpref.train.modeling import base_model, lm_head
 from fastpref.train.online.common import OnlineAlgorithm, OnlineConfig, metrics_float, micro_batch, token_logps
 from fastpref.train.rollout import PackedBatch, pack_rollout, policy_hidden, timed
+
+CRITICS = ("shared", "separate")
 
 
 @dataclass
@@ -58,6 +77,14 @@ class PPOConfig(OnlineConfig):
     """Subtracted from the score of a completion without EOS (None: off)."""
     reward_model: str | None = None
     """Path of a sequence-classification reward model (uses the policy's tokenizer); overrides ``reward``."""
+    critic: str = "shared"
+    """``shared``: a value head on the policy trunk; ``separate``: a value model of its own (``critic_path``)."""
+    critic_path: str | None = None
+    """Initial weights of the separate critic: a local Hugging Face model directory or ``.gguf`` file, loaded as a
+    sequence-classification model with one label (an ``algorithm=rm`` output keeps its head, a causal LM gets a
+    fresh zero head); null: a copy of the initial policy's trunk with a fresh zero head."""
+    critic_lr: float | None = None
+    """Learning rate of the separate critic's own AdamW (null: ``optim.lr``)."""
 
     def validate(self) -> None:
         super().validate()
@@ -67,6 +94,13 @@ class PPOConfig(OnlineConfig):
             raise ValueError(f"ppo.kl_coef and ppo.vf_coef must be >= 0, got {self.kl_coef}, {self.vf_coef}")
         if not 0 < self.cliprange < 1:
             raise ValueError(f"ppo.cliprange must be in (0, 1), got {self.cliprange}")
+        if self.critic not in CRITICS:
+            raise ValueError(f"ppo.critic must be one of {CRITICS}, got {self.critic!r}")
+        if self.critic == "shared" and (self.critic_path or self.critic_lr is not None):
+            raise ValueError("ppo.critic_path and ppo.critic_lr configure a separate critic: set ppo.critic=separate "
+                             f"(got critic_path={self.critic_path!r}, critic_lr={self.critic_lr!r})")
+        if self.critic_lr is not None and not self.critic_lr > 0:
+            raise ValueError(f"ppo.critic_lr must be > 0 (or null: optim.lr), got {self.critic_lr}")
 
 
 def to_padded(values: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -92,37 +126,137 @@ def from_padded(padded: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     return out
 
 
+def zero_value_head(hidden_size: int, like: torch.Tensor) -> torch.nn.Linear:
+    """A fresh ``Linear(hidden_size, 1)`` with zero weight and bias (first values 0), on ``like``'s device and
+    dtype."""
+    head = torch.nn.Linear(hidden_size, 1, device=like.device, dtype=like.dtype)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+class Critic(torch.nn.Module):
+    """A value model: a decoder ``trunk`` (e.g. ``LlamaModel``) and a linear ``head`` ``H -> 1``. Calling it on a
+    packed batch gives the per-token values ``[N]`` (fp32), from the trunk's last hidden states
+    (``policy_hidden``: packed varlen attention when the trunk was loaded for packing, else right-padded)."""
+
+    def __init__(self, trunk: torch.nn.Module, head: torch.nn.Linear, pad_id: int):
+        super().__init__()
+        self.trunk, self.head, self.pad_id = trunk, head, pad_id
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        return self.head(policy_hidden(self.trunk, batch, self.pad_id)).squeeze(-1).float()
+
+
+def _load_critic(path: str, policy: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """``(trunk, head)`` of the sequence-classification model at ``path`` (a directory or a ``.gguf`` file), in
+    the policy's dtype and attention implementation; a head missing from the checkpoint is zero-initialised."""
+    from transformers import AutoModelForSequenceClassification
+
+    w, _ = lm_head(policy)
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ValueError(f"ppo.critic_path={path!r}: no such file")
+        src, kw = os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+    elif os.path.isdir(path):
+        src, kw = path, {}
+    else:
+        raise ValueError(f"ppo.critic_path={path!r}: not a model directory or .gguf file")
+    if getattr(base_model(policy).config, "_attn_implementation", None) == "fastpref":
+        kw["attn_implementation"] = "fastpref"  # packed rows (data.pack=true) go through the varlen attention
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, dtype=w.dtype,
+                                                                         output_loading_info=True, **kw)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"ppo.critic_path={path!r}: cannot load it as a sequence-classification model ({e})") from None
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise ValueError(f"ppo.critic_path={path!r}: expected a one-output linear `score` head, got {head!r}")
+    if any(k.split(".")[0] == "score" for k in info["missing_keys"]):  # a causal LM: no head in the checkpoint
+        torch.nn.init.zeros_(head.weight)
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
+    vocab = model.get_input_embeddings().num_embeddings
+    if vocab < w.shape[0]:
+        raise ValueError(f"ppo.critic_path={path!r}: its vocabulary ({vocab} tokens) is smaller than the policy's "
+                         f"({w.shape[0]}); the critic reads the policy's tokens")
+    return model.get_decoder(), head
+
+
+def build_critic(path: str | None, policy: torch.nn.Module, *, pad_id: int, gradient_checkpointing: bool) -> Critic:
+    """The separate critic (see the module docstring), on the policy's device, every weight trainable."""
+    w, _ = lm_head(policy)
+    if path:
+        trunk, head = _load_critic(path, policy)
+    else:
+        src = copy.deepcopy(policy)
+        if hasattr(src, "merge_and_unload"):  # PEFT: the base weights with the adapters merged in
+            src = src.merge_and_unload()
+        trunk = src.get_decoder()
+        head = zero_value_head(trunk.config.hidden_size, w)
+    if gradient_checkpointing:
+        trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    critic = Critic(trunk, head, pad_id).to(w.device)
+    for p in critic.parameters():
+        p.requires_grad_(True)
+    return critic.train()
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over the ranks of an initialised process group (torchrun), as the
+    trainer does for the policy's; nothing to do in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
 @register_algorithm("ppo")
 class PPO(OnlineAlgorithm):
-    """PPO with a value head on the policy trunk (see the module docstring)."""
+    """PPO with a shared value head or a separate critic (see the module docstring)."""
 
     config_class = PPOConfig
     needs_reference = True
 
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
-        model = rt.model
-        if not hasattr(model, "value_head"):
-            w, _ = lm_head(model)
-            head = torch.nn.Linear(w.shape[1], 1, device=w.device, dtype=w.dtype)
-            torch.nn.init.zeros_(head.weight)
-            torch.nn.init.zeros_(head.bias)
-            model.add_module("value_head", head)
-        self.value_head = model.value_head
-        if self.sec.reward_model:
+        sec, model = self.sec, rt.model
+        self.value_head = self.critic = None
+        if sec.critic == "separate":
+            o = cfg.optim
+            self.critic = build_critic(sec.critic_path, model, pad_id=self.pad_id,
+                                       gradient_checkpointing=cfg.model.gradient_checkpointing)
+            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=sec.critic_lr or o.lr,
+                                                betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+            warm = o.warmup_steps
+            self.critic_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.critic_opt, lambda done: (done + 1) / warm if done < warm else 1.0)
+        else:
+            if not hasattr(model, "value_head"):
+                w, _ = lm_head(model)
+                model.add_module("value_head", zero_value_head(w.shape[1], w))
+            self.value_head = model.value_head
+        if sec.reward_model:
             from transformers import AutoModelForSequenceClassification
 
-            rm = AutoModelForSequenceClassification.from_pretrained(self.sec.reward_model).to(rt.device).eval()
+            rm = AutoModelForSequenceClassification.from_pretrained(sec.reward_model).to(rt.device).eval()
             self.reward_fn = RewardModelScorer(rm, rt.tokenizer)
 
     def _forward(self, batch: PackedBatch, *, entropy: bool):
-        """``(logp [N], entropy [N] or None, values [N])`` from one trunk pass."""
+        """``(logp [N], entropy [N] or None, values [N])``: the policy's trunk pass (and the value head on its
+        hidden states), or the separate critic's own pass."""
         h = policy_hidden(self.rt.model, batch, self.pad_id)
         w, b = lm_head(self.rt.model)
         out = linear_logprobs(h, w, batch.targets, bias=b, temperature=self.sec.generation.temperature,
                               return_entropy=entropy, check_targets=False)
         logp, ent = out if entropy else (out, None)
-        values = self.value_head(h).squeeze(-1).float()
+        values = self.critic(batch) if self.critic is not None else self.value_head(h).squeeze(-1).float()
         return logp, ent, values
 
     def _new_rollout(self, examples: list[dict]) -> list[dict]:
@@ -178,3 +312,41 @@ class PPO(OnlineAlgorithm):
                             entropy=ent, cu_seqlens=packed.cu_seqlens)
         vl, vm = value_loss(values, batch["values"], batch["returns"], mask, clip=sec.cliprange_value)
         return pl + sec.vf_coef * vl, {**m, **vm, "loss/policy": pl.detach(), "loss/value": vl.detach()}
+
+    def on_step_end(self, step: int) -> None:
+        if self.critic is not None:  # timed as part of the train stage
+            self._critic_step()
+        super().on_step_end(step)
+
+    def _critic_step(self) -> None:
+        """The separate critic's optimizer step on the gradients the step's micro-batches accumulated."""
+        params = list(self.critic.parameters())
+        _all_reduce_grads(params)
+        max_norm = self.cfg.optim.max_grad_norm
+        if max_norm is not None:
+            self.step_metrics["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.step_metrics["critic/lr"] = self.critic_opt.param_groups[0]["lr"]
+        self.critic_opt.step()
+        self.critic_sched.step()
+        self.critic_opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        if self.critic is not None:
+            sd["critic"] = {"model": self.critic.state_dict(), "optimizer": self.critic_opt.state_dict(),
+                            "scheduler": self.critic_sched.state_dict()}
+        else:
+            sd["value_head"] = self.value_head.state_dict()
+        return sd
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if (self.critic is not None) != ("critic" in state):
+            raise ValueError(f"resume: the checkpoint was written with another ppo.critic than this run's "
+                             f"{self.sec.critic!r}")
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"]["model"])
+            self.critic_opt.load_state_dict(state["critic"]["optimizer"])
+            self.critic_sched.load_state_dict(state["critic"]["scheduler"])
+        elif "value_head" in state:  # (checkpoints written before the head was saved here hold it in model.pt)
+            self.value_head.load_state_dict(state["value_head"])
