@@ -35,8 +35,11 @@ def one_cpu_thread():
     torch.set_num_threads(n)
 
 
-def make_algo(name: str, *, rows=None, n_rows: int = 64, seed: int = 0, ref: bool | None = None, **section):
-    """(algorithm, examples) for ``name`` with a tiny model; ``gen_<field>`` keys set ``generation`` fields."""
+def make_algo(name: str, *, rows=None, n_rows: int = 64, seed: int = 0, ref: bool | None = None,
+              train_stream: bool = False, **section):
+    """(algorithm, examples) for ``name`` with a tiny model; ``gen_<field>`` keys set ``generation`` fields. The
+    examples carry a ``uid`` as the trainer's do; ``train_stream`` also hands them to the algorithm as its training
+    split (``rt.extras["train_examples"]``)."""
     import fastpref.train.online  # noqa: F401  (registers)
 
     cfg = Config(algorithm=name)
@@ -54,10 +57,11 @@ def make_algo(name: str, *, rows=None, n_rows: int = 64, seed: int = 0, ref: boo
     reference = Reference("copy", model)
     if ref if ref is not None else (cls.needs_reference or section.get("beta", 0) > 0):
         reference.take()
-    algo = cls(cfg, Runtime(cfg, model, tok, torch.device("cpu"), reference))
     rows = rows if rows is not None else make_arith(n_rows, seed=seed)
     examples = [{"prompt_ids": tok.encode(r["prompt"]), "completion_ids": tok.encode(r["answer"]) + [tok.eos_token_id],
-                 "row": r, "source": f"arith:{i}"} for i, r in enumerate(rows)]
+                 "row": r, "source": f"arith:{i}", "uid": i} for i, r in enumerate(rows)]
+    extras = {"train_examples": examples} if train_stream else {}
+    algo = cls(cfg, Runtime(cfg, model, tok, torch.device("cpu"), reference, extras=extras))
     return algo, examples
 
 

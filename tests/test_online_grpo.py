@@ -105,6 +105,104 @@ def test_dynamic_sampling_drops_zero_variance_groups_and_refills():
         assert bool((adv.abs().sum(dim=1) > 0).all())
 
 
+
+def _even_constant(prompts, completions, **cols):
+    """Zero reward variance on prompts starting with an even digit, some variance elsewhere."""
+    return [0.0 if int(p[0]) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
+
+
+def _record_rollouts(algo) -> list[list[int]]:
+    """The uids of the examples of every rollout ``algo`` makes from now on."""
+    calls, inner = [], algo.rollout
+
+    def spy(examples, **kw):
+        calls.append([e["uid"] for e in examples])
+        return inner(examples, **kw)
+
+    algo.rollout = spy
+    return calls
+
+
+def test_dynamic_sampling_refills_with_fresh_prompts_then_from_the_pool():
+    """10 training prompts, a step of 4 whose groups all tie: the refills take the 6 unseen prompts in the stream's
+    seeded order (4, then 2 topped up from the pool), then only pool prompts (the step's own)."""
+    import random
+
+    algo, ex = make_algo("grpo", dynamic_sampling=True, max_refill_rounds=3, gen_num_generations=2,
+                         gen_max_new_tokens=2, n_rows=10, train_stream=True)
+    algo.reward_fn = lambda prompts, completions, **cols: [1.0] * len(prompts)
+    calls = _record_rollouts(algo)
+    algo.step_metrics = {}
+    micro = algo.micro_batches(ex[:4], 1)
+    assert micro[0]["packed"] is None and algo.step_metrics["skipped"] == 1.0
+    order = list(range(10))
+    random.Random("grpo-refill:0").shuffle(order)
+    fresh = [u for u in order if u >= 4]
+    assert calls[0] == [0, 1, 2, 3]
+    assert calls[1] == fresh[:4]
+    assert calls[2][:2] == fresh[4:] and set(calls[2][2:]) <= {0, 1, 2, 3}
+    assert len(calls) == 4 and set(calls[3]) <= {0, 1, 2, 3}
+    m = algo.step_metrics
+    assert (m["dynamic_sampling/refills"], m["dynamic_sampling/fresh_prompts"]) == (3, 6)
+    # the next step's prompts (never rolled out before) are used; nothing fresh is left for refills
+    algo.step_metrics = {}
+    algo.micro_batches(ex[4:8], 2)
+    assert calls[4] == [4, 5, 6, 7] and algo.step_metrics["dynamic_sampling/fresh_prompts"] == 0
+
+
+def test_dynamic_sampling_without_a_training_split_refills_from_the_pool():
+    algo, ex = make_algo("grpo", dynamic_sampling=True, max_refill_rounds=1, gen_num_generations=2,
+                         gen_max_new_tokens=2)
+    algo.reward_fn = lambda prompts, completions, **cols: [1.0] * len(prompts)
+    calls = _record_rollouts(algo)
+    algo.step_metrics = {}
+    algo.micro_batches(ex[:4], 1)
+    assert len(calls) == 2 and set(calls[1]) <= {0, 1, 2, 3}
+    assert algo.step_metrics["dynamic_sampling/fresh_prompts"] == 0
+
+
+
+def test_refill_stream_ranks_share_out_the_order_and_uids_are_required():
+    from fastpref.train.online.grpo import RefillStream
+
+    ex = [{"prompt_ids": [1], "uid": u} for u in range(7)]
+    whole = RefillStream(ex, seed=3)
+    r0, r1 = RefillStream(ex, seed=3, rank=0, world=2), RefillStream(ex, seed=3, rank=1, world=2)
+    assert sorted(whole.order) == list(range(7)) and whole.order != list(range(7))
+    assert r0.order == whole.order[0::2] and r1.order == whole.order[1::2]
+    r0.mark_seen([ex[r0.order[1]]])
+    assert [e["uid"] for e in r0.draw(10)] == [r0.order[0]] + r0.order[2:]
+    assert r0.draw(1) == []
+    with pytest.raises(ValueError, match="uid"):
+        RefillStream([{"prompt_ids": [1]}], seed=0)
+
+def test_dynamic_sampling_fresh_refills_resume_identically():
+    """A resumed run draws the same fresh prompts as the uninterrupted one (the stream's position and seen set are
+    in the state) and ends with the same weights."""
+    kw = dict(dynamic_sampling=True, max_refill_rounds=2, gen_num_generations=4, gen_max_new_tokens=2,
+              train_stream=True)
+    a, ex = make_algo("grpo", **kw)
+    a.reward_fn = _even_constant
+    _, opt = run_steps(a, ex, 2, batch_size=4)
+    snap = snapshot(a, opt)
+    calls_a = _record_rollouts(a)
+    hist_a, _ = run_steps(a, ex, 2, batch_size=4, opt=opt, start=2)
+    b, _ = make_algo("grpo", **kw)          # the same seed (a resume checks it); other weights: from the snapshot
+    with torch.no_grad():
+        for p in b.rt.model.parameters():
+            p.add_(0.1)
+    b.reward_fn = _even_constant
+    opt_b = restore(b, snap)
+    calls_b = _record_rollouts(b)
+    run_steps(b, ex, 2, batch_size=4, opt=opt_b, start=2)
+    assert sum(h["dynamic_sampling/fresh_prompts"] for h in hist_a) > 0
+    assert calls_a == calls_b
+    assert_same_params(a.rt.model, b.rt.model)
+    c, _ = make_algo("grpo", dynamic_sampling=True)           # no training split: no stream
+    with pytest.raises(ValueError, match="refill stream"):
+        c.load_state_dict(snap["algo"])
+
+
 def test_overlong_shaping_adds_dapo_penalty():
     algo, ex = make_algo("grpo", overlong_cache_length=2, overlong_coef=1.0, gen_num_generations=4,
                          gen_max_new_tokens=2)

@@ -7,7 +7,11 @@ Per step (Shao et al. 2024, arXiv:2402.03300; TRL's ``GRPOTrainer``):
    (``overlong_cache_length``: ``fastpref.losses.advantages.overlong_penalty`` times ``overlong_coef``);
    optional DAPO *dynamic sampling* (Yu et al. 2025, arXiv:2503.14476): groups whose rewards all agree carry no
    gradient, so they are dropped and more prompts are drawn and generated (at most ``max_refill_rounds``
-   extra rollouts) until the batch holds ``train.batch_size`` informative groups (or whatever was found);
+   extra rollouts) until the batch holds ``train.batch_size`` informative groups (or whatever was found).
+   Refills are fresh prompts (:class:`RefillStream` over the training split that the runtime hands the algorithm
+   as ``rt.extras["train_examples"]``: a seeded order of its own, skipping every prompt this run has already
+   rolled out); only when that stream is used up (or absent) do they come from the pool of prompts seen so far
+   (the last ``refill_pool_size``, drawn with the seeded sampler);
 3. advantages: ``group_advantages`` (``scale_rewards`` group / batch / none);
 4. train: ``num_iterations`` (mu) updates on the rollout with the fused ``FusedLinearPolicyLoss`` of
    ``loss_type`` (hidden states + LM head, eager chunked engine: the logits never exist). With mu > 1
@@ -17,14 +21,16 @@ Per step (Shao et al. 2024, arXiv:2402.03300; TRL's ``GRPOTrainer``):
 
 The clip range defaults follow the loss type (DAPO's clip-higher: ``eps_high = 0.28``; GSPO's 3e-4 / 4e-4);
 override with ``epsilon_low`` / ``epsilon_high``. As in TRL, the mu iterations are mu consecutive trainer steps on
-the same rollout (the prompts the trainer hands in meanwhile go to the refill pool). Differences from TRL: each
-trainer step uses the whole rollout (split into ``train.grad_accum`` micro-batches of whole groups; TRL's
-``steps_per_generation`` is not a separate knob), and dynamic sampling is built in (TRL leaves it to the user):
-refills draw, with the seeded sampler, from the prompts seen so far.
+the same rollout (the prompts the trainer hands in meanwhile go to the refill pool and stay fresh for the stream).
+Differences from TRL: each trainer step uses the whole rollout (split into ``train.grad_accum`` micro-batches of
+whole groups; TRL's ``steps_per_generation`` is not a separate knob), and dynamic sampling is built in (TRL leaves
+it to the user). Unlike DAPO's reference implementation, a refill prompt is not taken out of the trainer's data
+order: the trainer still hands it in at its own step later in the epoch.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +68,7 @@ class GRPOConfig(OnlineConfig):
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (0: entropy is only logged)."""
     dynamic_sampling: bool = False
-    """DAPO: drop zero-variance groups and refill from other prompts."""
+    """DAPO: drop zero-variance groups and refill with fresh prompts (then with ones seen before)."""
     max_refill_rounds: int = 3
     """At most this many extra rollouts per step when refilling dropped groups."""
     overlong_cache_length: int | None = None
@@ -70,7 +76,7 @@ class GRPOConfig(OnlineConfig):
     overlong_coef: float = 1.0
     """Weight of the overlong penalty added to the rewards."""
     refill_pool_size: int = 1024
-    """Prompts remembered for dynamic-sampling refills."""
+    """Prompts seen so far kept for dynamic-sampling refills once no fresh prompt is left."""
 
     def validate(self) -> None:
         super().validate()
@@ -93,6 +99,53 @@ class GRPOConfig(OnlineConfig):
                              f"{self.generation.max_new_tokens}], got {self.overlong_cache_length}")
 
 
+def _rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialised process group (torchrun), else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class RefillStream:
+    """Fresh prompts for dynamic-sampling refills: the training examples in a seeded order of their own (not the
+    trainer's), read front to back, skipping every example already rolled out in this run (by ``uid``, which the
+    trainer gives each example). Under torchrun, rank ``r`` of ``w`` reads every ``w``-th example of the order.
+    ``state_dict`` (the read position and the seen uids) makes it resumable."""
+
+    def __init__(self, examples: list[dict], seed: int, rank: int = 0, world: int = 1):
+        if any("uid" not in ex for ex in examples):
+            raise ValueError("grpo dynamic sampling: the training examples need a 'uid' (the trainer sets it)")
+        order = list(range(len(examples)))
+        random.Random(f"grpo-refill:{seed}").shuffle(order)
+        self.examples, self.order = examples, order[rank::world]
+        self.pos, self.seen = 0, set()
+
+    def mark_seen(self, examples: list[dict]) -> None:
+        self.seen.update(ex["uid"] for ex in examples)
+
+    def draw(self, n: int) -> list[dict]:
+        """Up to ``n`` examples not seen yet (fewer, possibly none, once the stream is used up); marks them seen."""
+        out = []
+        while len(out) < n and self.pos < len(self.order):
+            ex = self.examples[self.order[self.pos]]
+            self.pos += 1
+            if ex["uid"] not in self.seen:
+                self.seen.add(ex["uid"])
+                out.append(ex)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, "seen": sorted(self.seen), "size": len(self.order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["size"] != len(self.order):
+            raise ValueError(f"resume: the checkpoint's refill stream has {state['size']} examples, this run's "
+                             f"{len(self.order)}")
+        self.pos, self.seen = state["pos"], set(state["seen"])
+
+
 @register_algorithm("grpo")
 class GRPO(OnlineAlgorithm):
     """Group-relative policy optimisation with every TRL loss type (see the module docstring)."""
@@ -101,8 +154,10 @@ class GRPO(OnlineAlgorithm):
 
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
-        self._pool: list[dict] = []  # prompts seen (refill candidates)
+        self._pool: list[dict] = []  # prompts seen (refill candidates once the stream is used up)
         sec = self.sec
+        train = rt.extras.get("train_examples")
+        self._stream = RefillStream(train, cfg.train.seed, *_rank_world()) if sec.dynamic_sampling and train else None
         if sec.beta > 0 and getattr(rt.reference, "mode", "none") not in ("copy", "lora_base"):
             raise ValueError(f"grpo.beta={sec.beta} needs a reference: set reference.mode=copy (or lora_base with "
                              f"LoRA); got {getattr(rt.reference, 'mode', None)!r}")
@@ -112,7 +167,8 @@ class GRPO(OnlineAlgorithm):
             entropy_coef=sec.entropy_coef, temperature=sec.generation.temperature)
 
     def _remember(self, examples: list[dict]) -> None:
-        self._pool.extend({"prompt_ids": ex["prompt_ids"], "row": ex.get("row", {})} for ex in examples)
+        self._pool.extend({"prompt_ids": ex["prompt_ids"], "row": ex.get("row", {}),
+                           **({"uid": ex["uid"]} if "uid" in ex else {})} for ex in examples)
         del self._pool[:max(0, len(self._pool) - self.sec.refill_pool_size)]
 
     def collect(self, examples: list[dict]) -> tuple[Rollout | None, torch.Tensor | None, dict]:
@@ -124,7 +180,9 @@ class GRPO(OnlineAlgorithm):
         stats = {"reward/sampled_mean": rewards.mean()}
         if not sec.dynamic_sampling:
             return ro, rewards, stats
-        parts, kept, n_groups, refills, dropped = [], [], 0, 0, 0
+        if self._stream is not None:
+            self._stream.mark_seen(examples)
+        parts, kept, n_groups, refills, dropped, fresh = [], [], 0, 0, 0, 0
         while True:
             std = rewards.view(-1, G).std(dim=1).tolist()
             keep = [g for g, s in enumerate(std) if s > 0][:P - n_groups]
@@ -137,11 +195,13 @@ class GRPO(OnlineAlgorithm):
             if n_groups >= P or refills >= sec.max_refill_rounds:
                 break
             refills += 1
-            more = [self._pool[self.rng.randrange(len(self._pool))] for _ in range(P - n_groups)]
+            more = self._stream.draw(P - n_groups) if self._stream is not None else []
+            fresh += len(more)
+            more += [self._pool[self.rng.randrange(len(self._pool))] for _ in range(P - n_groups - len(more))]
             ro = self.rollout(more)
             rewards = self.score(ro, more)
         stats.update({"dynamic_sampling/dropped_groups": dropped, "dynamic_sampling/refills": refills,
-                      "dynamic_sampling/kept_groups": n_groups})
+                      "dynamic_sampling/kept_groups": n_groups, "dynamic_sampling/fresh_prompts": fresh})
         if not parts:
             return None, None, stats
         return Rollout.concat(parts), torch.cat(kept), stats
@@ -202,8 +262,15 @@ class GRPO(OnlineAlgorithm):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["pool"] = list(self._pool)
+        sd["stream"] = self._stream.state_dict() if self._stream is not None else None
         return sd
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._pool = list(state["pool"])
+        if (self._stream is None) != (state.get("stream") is None):
+            raise ValueError("resume: the checkpoint and this run disagree on the fresh-prompt refill stream (one has "
+                             "grpo.dynamic_sampling with the training examples, the other not)")
+        if self._stream is not None:
+            self._stream.load_state_dict(state["stream"])
+
