@@ -12,9 +12,9 @@ batch) plus ``vf_coef`` times the clipped value loss (``cliprange_value`` around
 The critic (``critic``):
 
 * ``shared`` (default): a linear value head on the policy trunk (``value_head``, attached to the model, so the
-  trainer's optimizer and ``final/`` include it; zero-initialised, so the first values are 0). One trunk pass
-  gives the log-probs and the values, and the value loss also trains the trunk. The head's weights are part of
-  the algorithm's checkpointed state as well: with LoRA the trainer's checkpoint holds only the adapters.
+  trainer's optimizer includes it, and ``final/`` without LoRA; zero-initialised, so the first values are 0). One
+  trunk pass gives the log-probs and the values, and the value loss also trains the trunk. The head's weights are
+  part of the algorithm's checkpointed state as well: with LoRA the trainer's checkpoints hold only the adapters.
 * ``separate``: a value model of its own (:class:`Critic`: a decoder trunk and a linear head ``H -> 1``), as
   TRL's ``value_model``. ``critic_path`` names its initial weights: a local Hugging Face directory or ``.gguf``
   file loaded as ``AutoModelForSequenceClassification(num_labels=1)`` (the ``score`` head of an ``algorithm=rm``
