@@ -280,3 +280,43 @@ def test_ppo_through_the_trainer_resumes_mid_epochs_to_the_same_weights(tmp_path
     assert ("value_head.weight" in a) == (over.get("ppo.critic") != "separate" and "model.lora.enabled" not in over)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+_DDP_SCRIPT = '''
+import sys
+import torch
+import torch.distributed as dist
+from fastpref.train.algorithms.base import load_builtin_algorithms
+from fastpref.train.config import load_config
+from fastpref.train.trainer import Trainer
+
+load_builtin_algorithms()
+cfg = load_config("examples/ppo_arith.yaml", [f"output_dir={sys.argv[1]}", "train.plots=false", "train.max_steps=2",
+                  "train.batch_size=2", "train.eval_every=0", "ppo.critic=separate", "ppo.generation.num_generations=2"])
+t = Trainer(cfg, quiet=True)
+t.run()
+for name, mod in (("critic", t.algo.critic), ("policy", t.model)):
+    flat = torch.cat([p.detach().reshape(-1) for p in mod.parameters()])
+    out = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, flat)
+    if dist.get_rank() == 0:
+        print(name, "same on both ranks:", torch.equal(out[0], out[1]), flush=True)
+'''
+
+
+def test_separate_critic_gradients_are_averaged_over_torchrun_ranks(tmp_path):
+    """Two gloo processes roll out different prompts; their critics (like their policies) must stay identical."""
+    import os
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    script = tmp_path / "ddp_critic.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "critic same on both ranks: True" in r.stdout and "policy same on both ranks: True" in r.stdout
