@@ -292,7 +292,8 @@ from fastpref.train.trainer import Trainer
 
 load_builtin_algorithms()
 cfg = load_config("examples/ppo_arith.yaml", [f"output_dir={sys.argv[1]}", "train.plots=false", "train.max_steps=2",
-                  "train.batch_size=2", "train.eval_every=0", "ppo.critic=separate", "ppo.generation.num_generations=2"])
+                  "train.batch_size=2", "train.eval_every=0", "ppo.critic=separate",
+                  "ppo.generation.num_generations=2"])
 t = Trainer(cfg, quiet=True)
 t.run()
 for name, mod in (("critic", t.algo.critic), ("policy", t.model)):

@@ -1,7 +1,7 @@
 """On-line methods (generate, score, train): importing this package registers them with the trainer.
 
-``grpo`` (GRPO / DAPO / Dr. GRPO / BNPO / GSPO), ``ppo`` (critic on the policy trunk, GAE), ``online_dpo``
-(iterative DPO), ``self_rewarding``, ``spin``, ``dice`` and ``apo``. See ``docs/online.md``.
+``grpo`` (GRPO / DAPO / Dr. GRPO / BNPO / GSPO), ``ppo`` (value head on the policy trunk or a separate critic,
+GAE), ``online_dpo`` (iterative DPO), ``self_rewarding``, ``spin``, ``dice`` and ``apo``. See ``docs/online.md``.
 """
 
 from fastpref.train.online import apo, dice, grpo, online_dpo, ppo, self_rewarding, spin  # noqa: F401  (register)
