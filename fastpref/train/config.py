@@ -222,6 +222,14 @@ class TrainLoopConfig:
     sets 1: 13 s instead of 160 s on a loaded 2-core machine)."""
     plots: bool = True
     """Write ``plots/*.png`` at the end (matplotlib)."""
+    fsdp: str = "off"
+    """FSDP2 under ``torchrun``: ``off``, ``full_shard`` (parameters, gradients and optimizer state sharded; each
+    decoder layer re-gathered in the backward) or ``shard_grad_op`` (layers stay gathered between forward and
+    backward: more memory, less communication). See ``docs/distributed.md``."""
+    deepspeed: str | None = None
+    """Path of a DeepSpeed JSON config (ZeRO stage 1-3; launched by ``deepspeed`` or ``torchrun``); ``"auto"``
+    entries are filled from ``train.batch_size``, ``train.grad_accum``, ``optim.max_grad_norm`` and
+    ``model.dtype``. None: no DeepSpeed."""
 
 
 # ------------------------------------------------------------------------------------------------ top level

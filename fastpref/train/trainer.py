@@ -38,7 +38,8 @@ import torch
 from fastpref.data.dataset import DataError, LoadReport, Tokenization, load_examples, split_examples
 from fastpref.train.algorithms.base import ALGORITHMS, Algorithm, Runtime, load_builtin_algorithms
 from fastpref.train.config import Config, ConfigError, dump_config
-from fastpref.train.modeling import build_model, build_tokenizer, load_trainable_state, trainable_state
+from fastpref.train.distributed import all_reduce_mean, init_process_group, make_parallel, parallel_kind
+from fastpref.train.modeling import build_model, build_tokenizer
 from fastpref.train.reference import Reference, cache_key
 
 log = logging.getLogger("fastpref.train")
@@ -65,32 +66,6 @@ def _device(cfg: Config) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     return torch.device(cfg.train.device)
-
-
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """``(rank, world_size)``; initialises the default process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
-    """In-place mean over ranks of ``tensors`` (one flattened all-reduce)."""
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    flat = _flatten_dense_tensors(tensors)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for t, f in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-        t.copy_(f)
 
 
 def _seed_all(seed: int) -> None:
@@ -259,24 +234,26 @@ class Trainer:
         return sorted(out)
 
     def _save(self, step: int) -> None:
+        root = os.path.join(self.out, _CKPT)
+        final = os.path.join(root, f"step-{step}")
+        tmp = os.path.join(root, f".tmp-step-{step}")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        self._barrier()
+        self.par.save_checkpoint(tmp)  # model, optimizer, schedule (a collective under FSDP / DeepSpeed)
+        ref_state = self.reference.state_dict()
+        self._barrier()
         if self.rank != 0:
             self._barrier()
             return
-        root = os.path.join(self.out, _CKPT)
-        os.makedirs(root, exist_ok=True)
-        final = os.path.join(root, f"step-{step}")
-        tmp = os.path.join(root, f".tmp-step-{step}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        torch.save(trainable_state(self.model), os.path.join(tmp, "model.pt"))
-        torch.save(self.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(self.sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
         torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
-        torch.save({"main": self.algo.state_dict(), "reference": self.reference.state_dict()},
+        torch.save({"main": self.algo.state_dict(), "reference": ref_state},
                    os.path.join(tmp, "algorithm.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
             json.dump({"step": step, "data_position": step * self.cfg.train.batch_size * self.cfg.train.grad_accum,
-                       "reference_taken": self.ref_taken, "identity": _identity(self.cfg)}, fh)
+                       "reference_taken": self.ref_taken,
+                       "identity": _identity(self.cfg, self.par.checkpoint_format)}, fh)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -307,7 +284,7 @@ class Trainer:
         """Refuse a checkpoint written with another model / data / algorithm (before anything is overwritten)."""
         with open(os.path.join(path, "trainer_state.json")) as fh:
             st = json.load(fh)
-        mine = _identity(self.cfg)
+        mine = _identity(self.cfg, self.par.checkpoint_format)
         for k, v in st.get("identity", {}).items():
             if mine.get(k) != v:
                 raise ConfigError(f"resume: checkpoint {path} was written with {k}={v!r}, this run has "
@@ -316,14 +293,13 @@ class Trainer:
     def _load(self, path: str) -> int:
         with open(os.path.join(path, "trainer_state.json")) as fh:
             st = json.load(fh)
-        load_trainable_state(self.model, torch.load(os.path.join(path, "model.pt"), map_location=self.device))
-        self.opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device))
-        self.sched.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
+        self.par.load_checkpoint(path)
         algo_state = torch.load(os.path.join(path, "algorithm.pt"), map_location=self.device, weights_only=False)
         self.algo.load_state_dict(algo_state["main"])
         self.ref_taken = st["reference_taken"]
         if self.ref_taken:
             if self.reference.mode == "copy":
+                self._copy_reference()
                 self.reference.load_state_dict(algo_state["reference"])
             elif self.reference.mode == "precompute":
                 self._precompute()
@@ -337,12 +313,22 @@ class Trainer:
                  "optim": dataclass_dict(cfg.optim), "data": dataclass_dict(cfg.data)}
         key = cache_key(parts, self.train_ex + self.eval_ex)
         cache_dir = cfg.reference.cache_dir or os.path.join(self.out, "ref_cache")
+        if self.world > 1:  # every rank computes (FSDP / ZeRO-3 forwards are collectives) and writes its own file
+            cache_dir = os.path.join(cache_dir, f"rank-{self.rank}")
         self.reference.precompute(self.train_ex + self.eval_ex, self.algo.collate, cfg.train.batch_size, cache_dir,
                                   key, log=self.say)
 
+    def _copy_reference(self) -> None:
+        """``reference.mode=copy``: a frozen copy of the current policy (gathered, unsharded, under FSDP)."""
+        ref = self.par.frozen_copy(self._build_model)
+        if ref is None:
+            self.reference.take()
+        else:
+            self.reference.model = ref
+
     def _take_reference(self) -> None:
         if self.reference.mode == "copy":
-            self.reference.take()
+            self._copy_reference()
         elif self.reference.mode == "precompute":
             self._precompute()
         self.ref_taken = True
@@ -391,7 +377,9 @@ class Trainer:
         self.device = _device(cfg)
         if self.device.type == "cpu" and cfg.train.cpu_threads:
             torch.set_num_threads(cfg.train.cpu_threads)
-        self.rank, self.world = _init_distributed(self.device)
+        kind = parallel_kind(cfg)
+        self.rank, self.world = init_process_group(kind, self.device)
+        self.par = make_parallel(cfg, kind, self.device, self.rank, self.world)
         _seed_all(cfg.train.seed)
         tokenizer = build_tokenizer(cfg)
         self._load_data(algo_cls, tokenizer)            # bad data stops the run here, before any training
@@ -411,7 +399,8 @@ class Trainer:
                 shutil.rmtree(os.path.join(self.out, "tensorboard"), ignore_errors=True)
         self._barrier()
 
-        self.model = build_model(cfg, tokenizer, algo_cls.model_kind).to(self.device)
+        self._build_model = lambda: build_model(cfg, tokenizer, algo_cls.model_kind)
+        self.model = self.par.wrap(self._build_model().to(self.device))
         self.model.train()
         self.reference = Reference(ref_mode, self.model)
         rt = Runtime(cfg=cfg, model=self.model, tokenizer=tokenizer, device=self.device, reference=self.reference)
@@ -425,6 +414,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         total = self._total_steps()
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, total))
+        n_params = sum(p.numel() for p in params)
+        self.par.attach(self.opt, self.sched)
         self.ref_taken = False
         start = 0
         if resume_path is not None:
@@ -449,10 +440,9 @@ class Trainer:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, initial=start, desc=cfg.algorithm, dynamic_ncols=True)
-        n_params = sum(p.numel() for p in params)
         self.say(f"fastpref train: algorithm={cfg.algorithm} model={cfg.model.name_or_path} "
                  f"({n_params / 1e6:.2f}M trainable) reference={ref_mode} train={len(self.train_ex)} "
-                 f"eval={len(self.eval_ex)} steps={total} device={self.device}")
+                 f"eval={len(self.eval_ex)} steps={total} device={self.device} parallel={kind}x{self.world}")
 
         last_train: dict = {}
         last_eval: dict = {}
@@ -469,24 +459,15 @@ class Trainer:
             examples = self._global_batch(step)
             algo.step_metrics = {}
             micro = algo.micro_batches(examples, step)
-            self.opt.zero_grad(set_to_none=True)
             items = []
-            for mb in micro:
+            for i, mb in enumerate(micro):
+                self.par.begin_micro(last=i == len(micro) - 1)
                 loss, metrics = algo.compute_loss(mb)
-                (loss / len(micro)).backward()
+                self.par.backward(loss / len(micro))
                 rows = mb["cu_seqlens"].numel() - 1 if "cu_seqlens" in mb else mb["input_ids"].shape[0]
                 items.append((rows, {"loss": loss.detach(), **metrics}))
-            if self.world > 1:
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                _all_reduce_mean(grads)
-                for p, g in zip(params, grads):
-                    p.grad = g
-            gnorm = None
-            if o.max_grad_norm is not None:
-                gnorm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
             lr = self.opt.param_groups[0]["lr"]
-            self.opt.step()
-            self.sched.step()
+            gnorm = self.par.step()  # reduce over ranks, clip, AdamW and schedule step
             algo.on_step_end(step)
             tok_count += algo.step_metrics.pop("tokens", None) or _tokens(examples)
 
@@ -525,10 +506,11 @@ class Trainer:
                 return RunResult(step, last_train, last_eval, time.time() - t0, self.out)
 
         self._close()
+        state = self.par.final_state()  # full weights (a collective under FSDP / ZeRO-3), None: the model's own
         if self.rank != 0:
             self._barrier()
             return RunResult(total, last_train, last_eval, time.time() - t0, self.out)
-        self._save_final(tokenizer)
+        self._save_final(tokenizer, state)
         self._barrier()
         if cfg.train.plots:
             from fastpref.train.plots import plot_metrics
@@ -549,7 +531,7 @@ class Trainer:
             return metrics
         keys = sorted(metrics)
         t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
-        _all_reduce_mean([t])
+        all_reduce_mean([t])
         return dict(zip(keys, t.tolist()))
 
     def _close(self) -> None:
@@ -559,18 +541,19 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
 
-    def _save_final(self, tokenizer) -> None:
+    def _save_final(self, tokenizer, state: dict | None) -> None:
         final = os.path.join(self.out, "final")
         tmp = os.path.join(self.out, ".tmp-final")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
+        self.model.save_pretrained(tmp, **({} if state is None else {"state_dict": state}))
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
 
 
-def _identity(cfg: Config) -> dict:
-    """Config values a checkpoint must agree with to be resumed (flattened ``key: value``)."""
+def _identity(cfg: Config, checkpoint_format: str) -> dict:
+    """Config values a checkpoint must agree with to be resumed (flattened ``key: value``), and the checkpoint
+    format of the parallel backend (``plain`` for one process and DDP, ``fsdp``, ``deepspeed``)."""
     from fastpref.train.config import config_to_dict
 
     d = config_to_dict(cfg)
@@ -578,6 +561,7 @@ def _identity(cfg: Config) -> dict:
             "train.grad_accum": cfg.train.grad_accum, "train.sft_warmup_steps": cfg.train.sft_warmup_steps}
     flat.update({f"model.{k}": v for k, v in d["model"].items()})
     flat.update({f"data.{k}": v for k, v in d["data"].items()})
+    flat["checkpoint_format"] = checkpoint_format
     return json.loads(json.dumps(flat))
 
 

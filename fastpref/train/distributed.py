@@ -1,0 +1,476 @@
+"""Scale-out backends of ``fastpref train``: one process, torchrun DDP, FSDP2 and DeepSpeed ZeRO.
+
+The trainer drives one :class:`Parallel` object (from :func:`make_parallel`) through a step::
+
+    par.begin_micro(last)            # before each micro-batch's forward
+    par.backward(loss / n_micro)
+    grad_norm = par.step()           # reduce gradients, clip, optimizer and schedule step
+
+and through ``save_checkpoint`` / ``load_checkpoint`` / ``final_state`` for files. The backends:
+
+* :class:`Parallel` (one process, or torchrun DDP): gradients averaged over ranks with one flattened all-reduce,
+  then ``clip_grad_norm_`` and AdamW; rank 0 writes ``model.pt`` / ``optimizer.pt`` / ``scheduler.pt``.
+* :class:`FSDPParallel` (``train.fsdp``): ``torch.distributed.fsdp.fully_shard`` (FSDP2) on every decoder layer
+  and on the root model. The root group holds the embedding, the final norm and the LM head (tied or not). The
+  fused losses read ``get_output_embeddings().weight`` outside any module forward, and the trainer runs the
+  decoder (``model.get_decoder()``), not the root module, so the root group is unsharded explicitly
+  (``FSDPModule.unshard()``, from a forward pre-hook on the decoder and before each micro-batch); FSDP resharding
+  and reduce-scattering its gradients in the post-backward callback, as for the layers. Checkpoints and
+  ``final/`` hold the full (gathered) state, written by rank 0, so an FSDP run's ``final/`` is an ordinary Hugging
+  Face checkpoint.
+* :class:`DeepSpeedParallel` (``train.deepspeed``): ``deepspeed.initialize`` wraps the trainer's AdamW and
+  schedule in the ZeRO optimizer; micro-batches go through ``engine.backward`` with the accumulation boundary
+  set by hand (the number of micro-batches is the algorithm's), one ``engine.step()`` per optimizer step
+  (reduction, clipping, AdamW, schedule). ZeRO-3: the LM head weight is all-gathered after the decoder's forward
+  and stays gathered until ZeRO-3 releases it after the embedding's backward (with tied embeddings) or its next
+  use. Checkpoints through ``engine.save_checkpoint`` (every rank writes its shard: the output directory must be
+  shared), ``final/`` from the consolidated 16-bit state (ZeRO-3) or rank 0's model (ZeRO-1/2).
+
+The trainer calls the decoder and the head directly (never ``engine.forward``), so the DeepSpeed backend does the
+bookkeeping ``engine.forward`` does for ZeRO (``clear_backward_seen_flag`` before a forward, the backward
+prologue before ``engine.backward``); without it ZeRO-3 loses all but the last micro-batch's gradients. Tested
+with deepspeed 0.19.8.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Callable
+
+import torch
+
+from fastpref.train.config import Config, ConfigError
+from fastpref.train.modeling import base_model, load_trainable_state, trainable_state
+
+FSDP_CHOICES = ("off", "full_shard", "shard_grad_op")
+
+# DeepSpeed config keys fastpref fills from its own config ("auto") or checks against it.
+_DS_AUTO = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+            "gradient_clipping", "bf16.enabled", "fp16.enabled")
+# Top-level DeepSpeed sections read by literal name (the rest are constants in ``deepspeed.runtime.constants``);
+# used only to catch misspellings.
+_DS_SECTIONS = ("zero_optimization", "bf16", "fp16", "amp", "pipeline", "hybrid_engine", "weight_quantization",
+                "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet",
+                "aio", "compression_training", "autotuning", "elasticity", "checkpoint", "data_efficiency",
+                "curriculum_learning", "nebula", "comms_logger", "compile", "sparse_attention", "zenflow",
+                "sequence_parallel_size", "timers", "eigenvalue", "progressive_layer_drop", "quantize_training")
+
+
+# ------------------------------------------------------------------------------------------- configuration
+
+def parallel_kind(cfg: Config) -> str:
+    """``single``, ``ddp``, ``fsdp`` or ``deepspeed`` for ``cfg`` and the launch environment; raises
+    :class:`ConfigError` (naming the key) for impossible combinations."""
+    t = cfg.train
+    if t.fsdp not in FSDP_CHOICES:
+        raise ConfigError(f"train.fsdp={t.fsdp!r}: expected one of {', '.join(FSDP_CHOICES)}")
+    launched = "WORLD_SIZE" in os.environ
+    if t.deepspeed is not None:
+        if t.fsdp != "off":
+            raise ConfigError(f"train.fsdp={t.fsdp} and train.deepspeed={t.deepspeed!r} are exclusive: DeepSpeed "
+                              "ZeRO does the sharding itself (set train.fsdp=off or train.deepspeed=null)")
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"train.deepspeed={t.deepspeed!r}: the deepspeed package is not installed "
+                              "(pip install 'fastpref[deepspeed]')") from None
+        if not launched:
+            raise ConfigError(f"train.deepspeed={t.deepspeed!r}: needs a launcher that sets RANK/WORLD_SIZE: "
+                              "deepspeed --num_gpus=N -m fastpref.cli train ... or torchrun --nproc_per_node=N "
+                              "-m fastpref.cli train ...")
+        if cfg.model.lora.enabled:
+            raise ConfigError("train.deepspeed with model.lora.enabled=true is not supported (LoRA adapters are "
+                              "small: use torchrun data parallelism, train.deepspeed=null)")
+        return "deepspeed"
+    if t.fsdp != "off":
+        if not launched:
+            raise ConfigError(f"train.fsdp={t.fsdp}: needs torchrun (torchrun --nproc_per_node=N -m fastpref.cli "
+                              "train ...); WORLD_SIZE is not set")
+        if cfg.model.lora.enabled:
+            raise ConfigError(f"train.fsdp={t.fsdp} with model.lora.enabled=true is not supported (LoRA adapters "
+                              "are small: use torchrun data parallelism with train.fsdp=off)")
+        if cfg.model.gradient_checkpointing:
+            raise ConfigError(f"train.fsdp={t.fsdp} with model.gradient_checkpointing=true is not supported yet "
+                              "(set one of them off)")
+        return "fsdp"
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict:
+    """The DeepSpeed config of ``train.deepspeed`` with its ``"auto"`` entries filled; raises
+    :class:`ConfigError` naming the key for a missing file, bad JSON, a value that contradicts fastpref's config,
+    a section fastpref owns (``optimizer``, ``scheduler``), a ZeRO stage other than 1-3, an ``"auto"`` it cannot
+    fill, or a misspelt top-level key."""
+    t, path = cfg.train, cfg.train.deepspeed
+    key = f"train.deepspeed={path!r}"
+    try:
+        with open(path) as fh:
+            ds = json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key}: not valid JSON ({e})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{key}: expected a JSON object")
+    for owned, ours in (("optimizer", "optim.lr, optim.betas, optim.eps, optim.weight_decay"),
+                        ("scheduler", "optim.warmup_steps, optim.schedule, optim.min_lr_ratio")):
+        if owned in ds:
+            raise ConfigError(f"{key}: remove {owned!r}: fastpref builds AdamW and the learning-rate schedule "
+                              f"from {ours} and hands them to DeepSpeed")
+    _check_top_level_keys(ds, key)
+    zero = ds.get("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"{key}: zero_optimization.stage={stage!r}: expected 1, 2 or 3 (without ZeRO, use "
+                          "torchrun data parallelism: train.deepspeed=null)")
+    clip = 0.0 if cfg.optim.max_grad_norm is None else float(cfg.optim.max_grad_norm)  # DeepSpeed: 0 = off
+    dtype = cfg.model.dtype
+    wanted = {
+        "train_micro_batch_size_per_gpu": (t.batch_size, "train.batch_size"),
+        "gradient_accumulation_steps": (t.grad_accum, "train.grad_accum"),
+        "train_batch_size": (t.batch_size * t.grad_accum * world, "train.batch_size * train.grad_accum * world size"),
+        "gradient_clipping": (clip, "optim.max_grad_norm"),
+        "bf16.enabled": (dtype == "bfloat16", "model.dtype"),
+        "fp16.enabled": (dtype == "float16", "model.dtype"),
+    }
+    for dotted, (value, source) in wanted.items():
+        parent, name = _ds_slot(ds, dotted)
+        if parent is None or name not in parent:
+            if dotted in ("bf16.enabled", "fp16.enabled"):
+                continue  # DeepSpeed's default (off) trains in the model's dtype
+            ds.setdefault(dotted, value)
+            continue
+        have = parent[name]
+        if have == "auto":
+            parent[name] = value
+        elif dotted.endswith(".enabled"):
+            if have and not value:
+                raise ConfigError(f"{key}: {dotted}=true contradicts model.dtype={dtype} (set {dotted} to "
+                                  f"\"auto\" or model.dtype={'bfloat16' if dotted[0] == 'b' else 'float16'})")
+        elif not _same(have, value):
+            raise ConfigError(f"{key}: {dotted}={have!r} contradicts {source} (= {value!r}); set it to \"auto\"")
+    for dotted in _autos(ds):
+        raise ConfigError(f"{key}: {dotted}=\"auto\": fastpref fills \"auto\" only in {', '.join(_DS_AUTO)}; "
+                          "give a value")
+    return ds
+
+
+def _ds_slot(ds: dict, dotted: str) -> tuple[dict | None, str]:
+    *parents, name = dotted.split(".")
+    node = ds
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), name
+
+
+def _same(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _autos(node, prefix: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _autos(v, f"{prefix}{k}.")
+    elif node == "auto":
+        yield prefix[:-1]
+
+
+def _check_top_level_keys(ds: dict, key: str) -> None:
+    from deepspeed.runtime import constants
+
+    known = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)} | set(_DS_SECTIONS)
+    for k in ds:
+        if k in known:
+            continue
+        close = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.85)
+        if close:
+            raise ConfigError(f"{key}: unknown key {k!r}; did you mean {close[0]!r}?")
+
+
+# ------------------------------------------------------------------------------------------- process group
+
+def init_process_group(kind: str, device: torch.device) -> tuple[int, int]:
+    """``(rank, world_size)``; initialises the default process group for a launched run (NCCL on CUDA, gloo on
+    CPU). FSDP and DeepSpeed need one even with a single process."""
+    if kind == "single":
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """In-place mean over ranks of ``tensors`` (one flattened all-reduce)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for t, f in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.copy_(f)
+
+
+# ------------------------------------------------------------------------------------------- backends
+
+class Parallel:
+    """One process, or torchrun data parallelism (full replicas, one all-reduce of the gradients per step)."""
+
+    checkpoint_format = "plain"
+    shards_params = False
+
+    def __init__(self, cfg: Config, device: torch.device, rank: int, world: int):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Prepare ``model`` (on ``device``) before the optimizer is built."""
+        self.model = model
+        return model
+
+    def attach(self, opt: torch.optim.Optimizer, sched) -> None:
+        """Take the optimizer and schedule built over the trainable parameters of the wrapped model."""
+        self.opt, self.sched = opt, sched
+        self.params = [p for group in opt.param_groups for p in group["params"]]
+
+    def begin_micro(self, last: bool) -> None:
+        """Called before each micro-batch's forward; ``last``: the step's last micro-batch."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float | None:
+        """Average the gradients over ranks, clip (``optim.max_grad_norm``), optimizer and schedule step, zero the
+        gradients; returns the gradient norm before clipping (None without clipping)."""
+        if self.world > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            all_reduce_mean(grads)
+            for p, g in zip(self.params, grads):
+                p.grad = g
+        gnorm = self._clip()
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return gnorm
+
+    def _clip(self) -> float | None:
+        clip = self.cfg.optim.max_grad_norm
+        return None if clip is None else float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+
+    # ---- files
+    def save_checkpoint(self, tmp: str) -> None:
+        """Write the model, optimizer and schedule state into the checkpoint directory ``tmp`` (called on every
+        rank; ``tmp`` exists)."""
+        if self.rank == 0:
+            torch.save(trainable_state(self.model), os.path.join(tmp, "model.pt"))
+            torch.save(self.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(self.sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
+
+    def load_checkpoint(self, path: str) -> None:
+        load_trainable_state(self.model, torch.load(os.path.join(path, "model.pt"), map_location=self.device))
+        self.opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device))
+        self.sched.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
+
+    def final_state(self) -> dict[str, torch.Tensor] | None:
+        """The full weights for ``final/`` (called on every rank); None: the model's own state is complete."""
+        return None
+
+    def frozen_copy(self, build: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
+        """A frozen, unsharded copy of the policy for ``reference.mode=copy``; None: ``Reference.take()`` can
+        deep-copy the policy itself."""
+        return None
+
+
+class FSDPParallel(Parallel):
+    """FSDP2 (``fully_shard``) per decoder layer plus the root; see the module docstring."""
+
+    checkpoint_format = "fsdp"
+    shards_params = True
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        inner = base_model(model)
+        layers = getattr(inner.get_decoder(), "layers", None)
+        if layers is None:
+            raise ConfigError(f"train.fsdp={self.cfg.train.fsdp}: the model's decoder "
+                              f"({type(inner.get_decoder()).__name__}) has no .layers to shard")
+        reshard = self.cfg.train.fsdp == "full_shard"
+        for layer in layers:
+            fully_shard(layer, reshard_after_forward=reshard)
+        fully_shard(inner, reshard_after_forward=False)
+        # FSDP2 makes the first module whose forward runs the root: run the root once (one token, no grad) so
+        # that it is the whole model, not the first decoder layer (the trainer never calls the root's forward).
+        # Reshard after it, so that ``model.parameters()`` (for the optimizer) are the sharded DTensors.
+        with torch.no_grad():
+            inner(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
+        inner.reshard()
+        self.root = inner
+        inner.get_decoder().register_forward_pre_hook(lambda module, args: self.root.unshard())
+        self.model = model
+        return model
+
+    def begin_micro(self, last: bool) -> None:
+        self.root.unshard()  # for losses that read the head weight before running the decoder
+
+    def step(self) -> float | None:
+        gnorm = self._clip()
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return gnorm
+
+    def _clip(self) -> float | None:
+        """``clip_grad_norm_`` over sharded gradients: the squared norms of the local shards, summed over ranks."""
+        clip = self.cfg.optim.max_grad_norm
+        if clip is None:
+            return None
+        import torch.distributed as dist
+
+        grads = [p.grad.to_local() for p in self.params if p.grad is not None]
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for g in grads:
+            sq += g.float().pow(2).sum()
+        dist.all_reduce(sq)
+        norm = sq.sqrt()
+        coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        return float(norm)
+
+    @staticmethod
+    def _options(rank0_only: bool = True):
+        """Gathered (full) state dicts: on rank 0 only, on the CPU; or on every rank, on the device."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
+
+    def _full_model_state(self, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model, options=self._options(rank0_only))
+
+    def save_checkpoint(self, tmp: str) -> None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        model_sd = self._full_model_state()
+        opt_sd = get_optimizer_state_dict(self.model, self.opt, options=self._options())
+        if self.rank == 0:
+            torch.save(model_sd, os.path.join(tmp, "model.pt"))
+            torch.save(opt_sd, os.path.join(tmp, "optimizer.pt"))
+            torch.save(self.sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
+
+    def load_checkpoint(self, path: str) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+            set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, torch.load(os.path.join(path, "model.pt")), options=opts)
+        set_optimizer_state_dict(self.model, self.opt, torch.load(os.path.join(path, "optimizer.pt")), options=opts)
+        self.sched.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        state = self._full_model_state()
+        # one name per tied parameter (the gathered copies no longer share storage, which is how
+        # ``save_pretrained`` recognises tied weights)
+        seen: set[int] = set()
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                state.pop(name, None)
+            seen.add(id(p))
+        return state
+
+    def frozen_copy(self, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        state = self._full_model_state(rank0_only=False)
+        with torch.random.fork_rng(devices=[]):  # building re-seeds the tiny model's init: keep the run's RNG
+            ref = build()
+        ref.load_state_dict(state)
+        ref.to(self.device).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+
+class DeepSpeedParallel(Parallel):
+    """DeepSpeed ZeRO 1-3 around the trainer's AdamW and schedule; see the module docstring."""
+
+    checkpoint_format = "deepspeed"
+
+    def __init__(self, cfg: Config, device: torch.device, rank: int, world: int):
+        super().__init__(cfg, device, rank, world)
+        self.ds_config = deepspeed_config(cfg, world)
+        self.stage = self.ds_config["zero_optimization"]["stage"]
+        if self.stage == 3 and cfg.reference.mode == "copy":
+            raise ConfigError("reference.mode=copy with ZeRO-3 (train.deepspeed) is not supported: use "
+                              "reference.mode=precompute")
+        self.shards_params = self.stage == 3
+
+    def attach(self, opt: torch.optim.Optimizer, sched) -> None:
+        import deepspeed
+
+        super().attach(opt, sched)
+        self.ds_config.setdefault("zero_allow_untested_optimizer", True)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=opt, lr_scheduler=sched,
+                                                    config=self.ds_config)
+        if self.stage == 3:
+            self._gather_head_after_decoder()
+
+    def _gather_head_after_decoder(self) -> None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        inner = base_model(self.model)
+        if inner.get_output_embeddings() is None:  # a reward model: its score head runs in a module forward
+            return
+        head = inner.get_output_embeddings().weight
+
+        def gather(module, args, output):
+            if getattr(head, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE:
+                head.all_gather([head])
+
+        inner.get_decoder().register_forward_hook(gather)
+
+    def begin_micro(self, last: bool) -> None:
+        # what engine.forward does before a forward; the accumulation boundary is the step's last micro-batch
+        self.engine.optimizer.clear_backward_seen_flag()
+        self.engine.set_gradient_accumulation_boundary(last)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine._backward_prologue()  # registered on the outputs by engine.forward, which is not used here
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float | None:
+        self.engine.step()
+        if self.cfg.optim.max_grad_norm is None:
+            return None
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save_checkpoint(self, tmp: str) -> None:
+        self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", save_latest=False)
+
+    def load_checkpoint(self, path: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}/deepspeed")
+
+    def final_state(self) -> dict[str, torch.Tensor] | None:
+        if self.stage != 3:
+            return None
+        return self.engine._zero3_consolidated_16bit_state_dict()
+
+
+def make_parallel(cfg: Config, kind: str, device: torch.device, rank: int, world: int) -> Parallel:
+    """The backend for ``kind`` (from :func:`parallel_kind`)."""
+    if kind == "fsdp":
+        return FSDPParallel(cfg, device, rank, world)
+    if kind == "deepspeed":
+        return DeepSpeedParallel(cfg, device, rank, world)
+    return Parallel(cfg, device, rank, world)
