@@ -296,7 +296,7 @@ class FSDPParallel(Parallel):
     shards_params = True
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
         inner = base_model(model)
         layers = getattr(inner.get_decoder(), "layers", None)
@@ -309,14 +309,23 @@ class FSDPParallel(Parallel):
         fully_shard(inner, reshard_after_forward=False)
         # FSDP2 makes the first module whose forward runs the root: run the root once (one token, no grad) so
         # that it is the whole model, not the first decoder layer (the trainer never calls the root's forward).
-        # Reshard after it, so that ``model.parameters()`` (for the optimizer) are the sharded DTensors.
+        # Reshard every group after it, so that ``model.parameters()`` (for the optimizer) are the sharded DTensors.
         with torch.no_grad():
             inner(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
-        inner.reshard()
+        for module in inner.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
         self.root = inner
         inner.get_decoder().register_forward_pre_hook(lambda module, args: self.root.unshard())
         self.model = model
         return model
+
+    def attach(self, opt: torch.optim.Optimizer, sched) -> None:
+        from torch.distributed.tensor import DTensor
+
+        super().attach(opt, sched)
+        if not all(isinstance(p, DTensor) for p in self.params):  # built while a group was unsharded
+            raise RuntimeError("FSDP: the optimizer holds unsharded parameters")
 
     def begin_micro(self, last: bool) -> None:
         self.root.unshard()  # for losses that read the head weight before running the decoder
