@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from fastpref.train.cli import embedded_default
 from fastpref.train.config import ConfigError, load_config
 from fastpref.train.distributed import deepspeed_config, parallel_kind
+from fastpref.train.trainer import Trainer
 
 # The run used by every comparison: SFT warm-up step 1, then DPO (the reference is taken at step 2).
 ARGS = ["data.synthetic_rows=64", "train.batch_size=4", "train.sft_warmup_steps=1", "train.eval_every=0",
@@ -105,7 +106,9 @@ def _killed_and_resumed(tmp_path, args):
 @pytest.mark.slow
 def test_fsdp_full_shard_two_processes_match_one_process(single, tmp_path):
     out = tmp_path / "run"
-    run_train(tmp_path, [f"output_dir={out}", "train.grad_accum=1", "train.fsdp=full_shard", *ARGS, *STEPS], nproc=2)
+    # held-out evaluation (a no-grad forward) right before the step-2 checkpoint: the gather must still work
+    run_train(tmp_path, [f"output_dir={out}", "train.grad_accum=1", *ARGS, *STEPS, "train.fsdp=full_shard",
+                         "train.eval_every=2"], nproc=2)
     _assert_matches(single, out)
     # the checkpoint holds the gathered (full) weights, not a rank's shard
     state = torch.load(out / "checkpoints" / "step-2" / "model.pt")
@@ -116,7 +119,12 @@ def test_fsdp_full_shard_two_processes_match_one_process(single, tmp_path):
 @pytest.mark.slow
 def test_fsdp_shard_grad_op_killed_and_resumed_matches_one_process(single, tmp_path):
     # the reference copy (taken at step 2) and the sharded optimizer state go through the step-2 checkpoint
-    _assert_matches(single, _killed_and_resumed(tmp_path, ["train.fsdp=shard_grad_op"]))
+    out = _killed_and_resumed(tmp_path, ["train.fsdp=shard_grad_op", "train.eval_every=2"])
+    _assert_matches(single, out)
+    # a run with another backend refuses the FSDP checkpoint (before anything is overwritten)
+    cfg = load_config(None, [f"output_dir={out}", "train.grad_accum=1", *ARGS, *STEPS], base=embedded_default())
+    with pytest.raises(ConfigError, match=r"checkpoint_format='fsdp', this run has checkpoint_format='plain'"):
+        Trainer(cfg, quiet=True).run()
 
 
 # ---------------------------------------------------------------------------------------------------- DeepSpeed
@@ -185,8 +193,10 @@ def _write(tmp_path, ds):
 def test_deepspeed_config_fills_auto_and_rejects_contradictions(tmp_path):
     pytest.importorskip("deepspeed")
     zero2 = {"zero_optimization": {"stage": 2}}
+    autos = {**zero2, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+             "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
     cfg = _cfg("train.batch_size=4", "train.grad_accum=3", "optim.max_grad_norm=0.5", "model.dtype=bfloat16",
-               f"train.deepspeed={_write(tmp_path, {**zero2, 'train_micro_batch_size_per_gpu': 'auto', 'gradient_accumulation_steps': 'auto', 'gradient_clipping': 'auto', 'bf16': {'enabled': 'auto'}, 'fp16': {'enabled': 'auto'}})}")
+               f"train.deepspeed={_write(tmp_path, autos)}")
     ds = deepspeed_config(cfg, world=2)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5
@@ -204,7 +214,6 @@ def test_deepspeed_config_fills_auto_and_rejects_contradictions(tmp_path):
         r"train_micro_batch_size_per_gpu=8 contradicts train.batch_size \(= 4\); set it to \"auto\"")
     bad({**zero2, "train_batch_size": 64}, r"train_batch_size=64 contradicts train.batch_size \* train.grad_accum")
     bad({**zero2, "gradient_clipping": 2.0}, r"gradient_clipping=2.0 contradicts optim.max_grad_norm")
-    bad({**zero2, "bf16": {"enabled": True}}, r"bf16.enabled=true contradicts model.dtype=float32")
     bad({**zero2, "optimizer": {"type": "AdamW"}}, r"remove 'optimizer': fastpref builds AdamW")
     bad({**zero2, "scheduler": {"type": "WarmupLR"}}, r"remove 'scheduler'")
     bad({"zero_optimization": {"stage": 0}}, r"zero_optimization.stage=0: expected 1, 2 or 3")

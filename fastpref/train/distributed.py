@@ -126,43 +126,27 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
         raise ConfigError(f"{key}: zero_optimization.stage={stage!r}: expected 1, 2 or 3 (without ZeRO, use "
                           "torchrun data parallelism: train.deepspeed=null)")
     clip = 0.0 if cfg.optim.max_grad_norm is None else float(cfg.optim.max_grad_norm)  # DeepSpeed: 0 = off
-    dtype = cfg.model.dtype
-    wanted = {
+    checked = {
         "train_micro_batch_size_per_gpu": (t.batch_size, "train.batch_size"),
         "gradient_accumulation_steps": (t.grad_accum, "train.grad_accum"),
         "train_batch_size": (t.batch_size * t.grad_accum * world, "train.batch_size * train.grad_accum * world size"),
         "gradient_clipping": (clip, "optim.max_grad_norm"),
-        "bf16.enabled": (dtype == "bfloat16", "model.dtype"),
-        "fp16.enabled": (dtype == "float16", "model.dtype"),
     }
-    for dotted, (value, source) in wanted.items():
-        parent, name = _ds_slot(ds, dotted)
-        if parent is None or name not in parent:
-            if dotted in ("bf16.enabled", "fp16.enabled"):
-                continue  # DeepSpeed's default (off) trains in the model's dtype
-            ds.setdefault(dotted, value)
-            continue
-        have = parent[name]
+    for name, (value, source) in checked.items():
+        have = ds.get(name, "auto")
         if have == "auto":
-            parent[name] = value
-        elif dotted.endswith(".enabled"):
-            if have and not value:
-                raise ConfigError(f"{key}: {dotted}=true contradicts model.dtype={dtype} (set {dotted} to "
-                                  f"\"auto\" or model.dtype={'bfloat16' if dotted[0] == 'b' else 'float16'})")
+            ds[name] = value
         elif not _same(have, value):
-            raise ConfigError(f"{key}: {dotted}={have!r} contradicts {source} (= {value!r}); set it to \"auto\"")
+            raise ConfigError(f"{key}: {name}={have!r} contradicts {source} (= {value!r}); set it to \"auto\"")
+    # precision: "auto" follows model.dtype; an explicit value is DeepSpeed's mixed precision (fp32 master weights),
+    # whatever dtype the model was loaded in
+    for section, on in (("bf16", cfg.model.dtype == "bfloat16"), ("fp16", cfg.model.dtype == "float16")):
+        if isinstance(ds.get(section), dict) and ds[section].get("enabled") == "auto":
+            ds[section]["enabled"] = on
     for dotted in _autos(ds):
         raise ConfigError(f"{key}: {dotted}=\"auto\": fastpref fills \"auto\" only in {', '.join(_DS_AUTO)}; "
                           "give a value")
     return ds
-
-
-def _ds_slot(ds: dict, dotted: str) -> tuple[dict | None, str]:
-    *parents, name = dotted.split(".")
-    node = ds
-    for p in parents:
-        node = node.get(p) if isinstance(node, dict) else None
-    return (node if isinstance(node, dict) else None), name
 
 
 def _same(a, b) -> bool:
@@ -296,7 +280,7 @@ class FSDPParallel(Parallel):
     shards_params = True
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
         inner = base_model(model)
         layers = getattr(inner.get_decoder(), "layers", None)
@@ -309,16 +293,23 @@ class FSDPParallel(Parallel):
         fully_shard(inner, reshard_after_forward=False)
         # FSDP2 makes the first module whose forward runs the root: run the root once (one token, no grad) so
         # that it is the whole model, not the first decoder layer (the trainer never calls the root's forward).
-        # Reshard every group after it, so that ``model.parameters()`` (for the optimizer) are the sharded DTensors.
         with torch.no_grad():
             inner(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
-        for module in inner.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
         self.root = inner
+        self._reshard_all()  # so that ``model.parameters()`` (for the optimizer) are the sharded DTensors
         inner.get_decoder().register_forward_pre_hook(lambda module, args: self.root.unshard())
         self.model = model
         return model
+
+    def _reshard_all(self) -> None:
+        """Register the sharded parameters in every group. A group stays unsharded after a no-grad forward (the
+        root always, the layers with ``shard_grad_op``); the state-dict helpers map the optimizer's (sharded)
+        parameters through ``model.named_parameters()``, so they run on resharded modules only."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.root.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def attach(self, opt: torch.optim.Optimizer, sched) -> None:
         from torch.distributed.tensor import DTensor
@@ -364,6 +355,7 @@ class FSDPParallel(Parallel):
     def _full_model_state(self, rank0_only: bool = True) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+        self._reshard_all()
         return get_model_state_dict(self.model, options=self._options(rank0_only))
 
     def save_checkpoint(self, tmp: str) -> None:
@@ -377,10 +369,11 @@ class FSDPParallel(Parallel):
             torch.save(self.sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
 
     def load_checkpoint(self, path: str) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
-            set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         opts = StateDictOptions(full_state_dict=True)
+        self._reshard_all()
         set_model_state_dict(self.model, torch.load(os.path.join(path, "model.pt")), options=opts)
         set_optimizer_state_dict(self.model, self.opt, torch.load(os.path.join(path, "optimizer.pt")), options=opts)
         self.sched.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))

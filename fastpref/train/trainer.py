@@ -5,8 +5,8 @@ One optimizer step::
     examples = the step's global batch (train.batch_size * train.grad_accum rows; the order is a function of
                train.seed and the step number only, so a resumed run sees the same batches)
     for micro-batch in algorithm.micro_batches(examples, step):
-        loss, metrics = algorithm.compute_loss(micro-batch); (loss / n_micro).backward()
-    clip, AdamW step, schedule step, algorithm.on_step_end(step)
+        loss, metrics = algorithm.compute_loss(micro-batch); backward(loss / n_micro)
+    average over ranks, clip, AdamW step, schedule step, algorithm.on_step_end(step)
 
 With ``train.sft_warmup_steps = W > 0`` steps ``1..W`` run SFT on the chosen responses (constant
 ``train.sft_warmup_lr``), then the reference is taken from the warmed-up policy and the main algorithm runs with
@@ -15,11 +15,14 @@ directory and renamed into place, and hold the trainable weights, optimizer, sch
 (= data position), the algorithm's state and a copied reference; ``resume=auto`` restarts from the newest one and
 truncates ``metrics.jsonl`` to it, so the continued run ends with the same weights and metrics.
 
-Data parallelism: launched by ``torchrun`` (``WORLD_SIZE > 1``), the process group is initialised (NCCL on
-CUDA, gloo on CPU); each step's global batch is ``batch_size * grad_accum * world_size`` rows, rank ``r`` trains
-on its contiguous share, and gradients are averaged with one all-reduce per step (flattened), so the update
-equals a single process running ``grad_accum * world_size`` micro-batches of the same rows. Logged metrics are
-averaged over ranks; rank 0 writes files. DeepSpeed / FSDP: see ``docs/distributed.md``.
+Scale-out (``fastpref.train.distributed``, ``docs/distributed.md``): launched by ``torchrun`` or ``deepspeed``
+(``WORLD_SIZE`` set), each step's global batch is ``batch_size * grad_accum * world_size`` rows and rank ``r``
+trains on its contiguous share, so the update equals a single process running ``grad_accum * world_size``
+micro-batches of the same rows. The backend object (``self.par``) owns what differs: plain DDP averages the
+gradients with one flattened all-reduce; ``train.fsdp`` shards the model with FSDP2 and keeps the LM head gathered
+for the fused losses; ``train.deepspeed`` hands AdamW and the schedule to a DeepSpeed ZeRO engine. Checkpoints and
+``final/`` hold full weights (DeepSpeed: its own sharded checkpoint). Logged metrics are averaged over ranks;
+rank 0 writes files.
 """
 
 from __future__ import annotations
