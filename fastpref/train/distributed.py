@@ -14,16 +14,16 @@ and through ``save_checkpoint`` / ``load_checkpoint`` / ``final_state`` for file
   and on the root model. The root group holds the embedding, the final norm and the LM head (tied or not). The
   fused losses read ``get_output_embeddings().weight`` outside any module forward, and the trainer runs the
   decoder (``model.get_decoder()``), not the root module, so the root group is unsharded explicitly
-  (``FSDPModule.unshard()``, from a forward pre-hook on the decoder and before each micro-batch); FSDP resharding
-  and reduce-scattering its gradients in the post-backward callback, as for the layers. Checkpoints and
+  (``FSDPModule.unshard()``, from a forward pre-hook on the decoder and before each micro-batch); FSDP's
+  post-backward callback reduce-scatters its gradients and reshards it, as for the layers. Checkpoints and
   ``final/`` hold the full (gathered) state, written by rank 0, so an FSDP run's ``final/`` is an ordinary Hugging
   Face checkpoint.
 * :class:`DeepSpeedParallel` (``train.deepspeed``): ``deepspeed.initialize`` wraps the trainer's AdamW and
   schedule in the ZeRO optimizer; micro-batches go through ``engine.backward`` with the accumulation boundary
   set by hand (the number of micro-batches is the algorithm's), one ``engine.step()`` per optimizer step
   (reduction, clipping, AdamW, schedule). ZeRO-3: the LM head weight is all-gathered after the decoder's forward
-  and stays gathered until ZeRO-3 releases it after the embedding's backward (with tied embeddings) or its next
-  use. Checkpoints through ``engine.save_checkpoint`` (every rank writes its shard: the output directory must be
+  and stays gathered through the loss's backward, until ZeRO-3 releases it (after the tied embedding's backward,
+  at the latest when its optimizer step partitions every parameter). Checkpoints through ``engine.save_checkpoint`` (every rank writes its shard: the output directory must be
   shared), ``final/`` from the consolidated 16-bit state (ZeRO-3) or rank 0's model (ZeRO-1/2).
 
 The trainer calls the decoder and the head directly (never ``engine.forward``), so the DeepSpeed backend does the
@@ -72,10 +72,14 @@ def parallel_kind(cfg: Config) -> str:
             raise ConfigError(f"train.fsdp={t.fsdp} and train.deepspeed={t.deepspeed!r} are exclusive: DeepSpeed "
                               "ZeRO does the sharding itself (set train.fsdp=off or train.deepspeed=null)")
         try:
-            import deepspeed  # noqa: F401
+            import deepspeed
+            from deepspeed.runtime.engine import DeepSpeedEngine
         except ImportError:
             raise ConfigError(f"train.deepspeed={t.deepspeed!r}: the deepspeed package is not installed "
                               "(pip install 'fastpref[deepspeed]')") from None
+        if not hasattr(DeepSpeedEngine, "_backward_prologue"):  # see DeepSpeedParallel.backward
+            raise ConfigError(f"train.deepspeed={t.deepspeed!r}: deepspeed {deepspeed.__version__} lacks the engine "
+                              "internals the trainer uses; tested with deepspeed 0.19.8")
         if not launched:
             raise ConfigError(f"train.deepspeed={t.deepspeed!r}: needs a launcher that sets RANK/WORLD_SIZE: "
                               "deepspeed --num_gpus=N -m fastpref.cli train ... or torchrun --nproc_per_node=N "
@@ -369,13 +373,13 @@ class FSDPParallel(Parallel):
             torch.save(self.sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
 
     def load_checkpoint(self, path: str) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        from torch.distributed.checkpoint import state_dict as dsd
 
-        opts = StateDictOptions(full_state_dict=True)
+        opts = dsd.StateDictOptions(full_state_dict=True)  # every rank reads the full files and keeps its shard
         self._reshard_all()
-        set_model_state_dict(self.model, torch.load(os.path.join(path, "model.pt")), options=opts)
-        set_optimizer_state_dict(self.model, self.opt, torch.load(os.path.join(path, "optimizer.pt")), options=opts)
+        dsd.set_model_state_dict(self.model, torch.load(os.path.join(path, "model.pt")), options=opts)
+        dsd.set_optimizer_state_dict(self.model, self.opt, torch.load(os.path.join(path, "optimizer.pt")),
+                                     options=opts)
         self.sched.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
 
     def final_state(self) -> dict[str, torch.Tensor]:
