@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from fastpref.train.cli import embedded_default
 from fastpref.train.config import ConfigError, load_config
-from fastpref.train.distributed import deepspeed_config, parallel_kind
+from fastpref.train.distributed import DeepSpeedParallel, deepspeed_config, parallel_kind
 from fastpref.train.trainer import Trainer
 
 # The run used by every comparison: SFT warm-up step 1, then DPO (the reference is taken at step 2).
@@ -222,6 +222,13 @@ def test_deepspeed_config_fills_auto_and_rejects_contradictions(tmp_path):
         r"zero_optimization.reduce_bucket_size=\"auto\": fastpref fills \"auto\" only in")
     bad({**zero2, "gradient_clippping": 1.0}, r"unknown key 'gradient_clippping'; did you mean 'gradient_clipping'")
     bad([1, 2], r"expected a JSON object")
+    # ZeRO-3 partitions the parameters: a deep-copied reference is refused, also when reference.mode=auto picks it
+    par = DeepSpeedParallel(_cfg(f"train.deepspeed={_write(tmp_path, {'zero_optimization': {'stage': 3}})}"),
+                            torch.device("cpu"), 0, 1)
+    par.check_reference("precompute")
+    with pytest.raises(ConfigError, match=r"reference.mode=auto \(auto resolves to copy here\).*use "
+                                          r"reference.mode=precompute"):
+        par.check_reference("copy")
     with pytest.raises(ConfigError, match=r"train.deepspeed='/nonexistent.json': no such file"):
         deepspeed_config(_cfg("train.deepspeed=/nonexistent.json"), world=1)
     (tmp_path / "broken.json").write_text("{")

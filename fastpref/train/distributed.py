@@ -214,7 +214,6 @@ class Parallel:
     """One process, or torchrun data parallelism (full replicas, one all-reduce of the gradients per step)."""
 
     checkpoint_format = "plain"
-    shards_params = False
 
     def __init__(self, cfg: Config, device: torch.device, rank: int, world: int):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
@@ -271,6 +270,9 @@ class Parallel:
         """The full weights for ``final/`` (called on every rank); None: the model's own state is complete."""
         return None
 
+    def check_reference(self, mode: str) -> None:
+        """Raise :class:`ConfigError` if the resolved ``reference.mode`` cannot work with this backend."""
+
     def frozen_copy(self, build: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
         """A frozen, unsharded copy of the policy for ``reference.mode=copy``; None: ``Reference.take()`` can
         deep-copy the policy itself."""
@@ -281,7 +283,6 @@ class FSDPParallel(Parallel):
     """FSDP2 (``fully_shard``) per decoder layer plus the root; see the module docstring."""
 
     checkpoint_format = "fsdp"
-    shards_params = True
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.fsdp import fully_shard
@@ -413,10 +414,12 @@ class DeepSpeedParallel(Parallel):
         super().__init__(cfg, device, rank, world)
         self.ds_config = deepspeed_config(cfg, world)
         self.stage = self.ds_config["zero_optimization"]["stage"]
-        if self.stage == 3 and cfg.reference.mode == "copy":
-            raise ConfigError("reference.mode=copy with ZeRO-3 (train.deepspeed) is not supported: use "
-                              "reference.mode=precompute")
-        self.shards_params = self.stage == 3
+
+    def check_reference(self, mode: str) -> None:
+        if self.stage == 3 and mode == "copy":
+            how = "" if self.cfg.reference.mode == "copy" else f" ({self.cfg.reference.mode} resolves to copy here)"
+            raise ConfigError(f"reference.mode={self.cfg.reference.mode}{how}: a copied reference is not supported "
+                              "with ZeRO-3 (train.deepspeed, partitioned parameters); use reference.mode=precompute")
 
     def attach(self, opt: torch.optim.Optimizer, sched) -> None:
         import deepspeed

@@ -387,6 +387,7 @@ class Trainer:
         tokenizer = build_tokenizer(cfg)
         self._load_data(algo_cls, tokenizer)            # bad data stops the run here, before any training
         ref_mode = self._reference_mode(algo_cls)
+        self.par.check_reference(ref_mode)
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         resume_path = self._resume_from()
         if resume_path is not None:
