@@ -166,13 +166,18 @@ def _cfg(*extra):
 
 
 def test_impossible_parallel_settings_name_the_key(monkeypatch, tmp_path):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
     assert parallel_kind(_cfg()) == "single"
-    with pytest.raises(ConfigError, match=r"train.fsdp=full_shard: needs torchrun"):
+    with pytest.raises(ConfigError, match=r"train.fsdp=full_shard: needs torchrun .*not set: WORLD_SIZE, RANK, "):
         parallel_kind(_cfg("train.fsdp=full_shard"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"train.deepspeed='ds.json': needs a launcher .*not set: RANK, MASTER"):
+        parallel_kind(_cfg("train.deepspeed=ds.json"))
     with pytest.raises(ConfigError, match=r"train.fsdp='zero3': expected one of off, full_shard, shard_grad_op"):
         parallel_kind(_cfg("train.fsdp=zero3"))
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(k, v)
     assert parallel_kind(_cfg()) == "ddp"
     assert parallel_kind(_cfg("train.fsdp=shard_grad_op")) == "fsdp"
     with pytest.raises(ConfigError, match=r"train.fsdp=full_shard and train.deepspeed=.* are exclusive"):

@@ -45,6 +45,7 @@ from fastpref.train.config import Config, ConfigError
 from fastpref.train.modeling import base_model, load_trainable_state, trainable_state
 
 FSDP_CHOICES = ("off", "full_shard", "shard_grad_op")
+_LAUNCH_ENV = ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")  # torch's env:// rendezvous
 
 # DeepSpeed config keys fastpref fills from its own config ("auto") or checks against it.
 _DS_AUTO = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
@@ -66,7 +67,7 @@ def parallel_kind(cfg: Config) -> str:
     t = cfg.train
     if t.fsdp not in FSDP_CHOICES:
         raise ConfigError(f"train.fsdp={t.fsdp!r}: expected one of {', '.join(FSDP_CHOICES)}")
-    launched = "WORLD_SIZE" in os.environ
+    missing = ", ".join(v for v in _LAUNCH_ENV if v not in os.environ)  # what torchrun / deepspeed set
     if t.deepspeed is not None:
         if t.fsdp != "off":
             raise ConfigError(f"train.fsdp={t.fsdp} and train.deepspeed={t.deepspeed!r} are exclusive: DeepSpeed "
@@ -80,18 +81,18 @@ def parallel_kind(cfg: Config) -> str:
         if not hasattr(DeepSpeedEngine, "_backward_prologue"):  # see DeepSpeedParallel.backward
             raise ConfigError(f"train.deepspeed={t.deepspeed!r}: deepspeed {deepspeed.__version__} lacks the engine "
                               "internals the trainer uses; tested with deepspeed 0.19.8")
-        if not launched:
-            raise ConfigError(f"train.deepspeed={t.deepspeed!r}: needs a launcher that sets RANK/WORLD_SIZE: "
-                              "deepspeed --num_gpus=N -m fastpref.cli train ... or torchrun --nproc_per_node=N "
-                              "-m fastpref.cli train ...")
+        if missing:
+            raise ConfigError(f"train.deepspeed={t.deepspeed!r}: needs a launcher (deepspeed --num_gpus=N -m "
+                              "fastpref.cli train ... or torchrun --nproc_per_node=N -m fastpref.cli train ...); "
+                              f"not set: {missing}")
         if cfg.model.lora.enabled:
             raise ConfigError("train.deepspeed with model.lora.enabled=true is not supported (LoRA adapters are "
                               "small: use torchrun data parallelism, train.deepspeed=null)")
         return "deepspeed"
     if t.fsdp != "off":
-        if not launched:
+        if missing:
             raise ConfigError(f"train.fsdp={t.fsdp}: needs torchrun (torchrun --nproc_per_node=N -m fastpref.cli "
-                              "train ...); WORLD_SIZE is not set")
+                              f"train ...); not set: {missing}")
         if cfg.model.lora.enabled:
             raise ConfigError(f"train.fsdp={t.fsdp} with model.lora.enabled=true is not supported (LoRA adapters "
                               "are small: use torchrun data parallelism with train.fsdp=off)")
