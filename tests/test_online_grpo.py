@@ -250,12 +250,15 @@ def _trainer_cfg(tmp_path, name, **over):
     return load_config("examples/grpo_arith.yaml", args)
 
 
-def test_grpo_through_the_trainer_resumes_mid_rollout_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_grpo_through_the_trainer_resumes_mid_rollout_to_the_same_weights(tmp_path, dynamic):
     """``fastpref train examples/grpo_arith.yaml``: killed after step 3 (mid-rollout with mu=2), resumed from the
-    checkpoint, it ends with the same weights as the uninterrupted run."""
+    checkpoint, it ends with the same weights as the uninterrupted run; with dynamic sampling the trainer hands
+    the training split over, so refills are fresh prompts (and their stream position is resumed too)."""
     from fastpref.train.trainer import Trainer
 
-    over = {"grpo.num_iterations": 2, "grpo.generation.num_generations": 4, "train.save_every": 3}
+    over = {"grpo.num_iterations": 2, "grpo.generation.num_generations": 4, "train.save_every": 3,
+            "grpo.dynamic_sampling": str(dynamic).lower()}
     full = Trainer(_trainer_cfg(tmp_path, "full", **over), quiet=True).run()
     assert full.step == 6
     Trainer(_trainer_cfg(tmp_path, "cut", **over), quiet=True, stop_after=3).run()
@@ -275,6 +278,8 @@ def test_grpo_through_the_trainer_resumes_mid_rollout_to_the_same_weights(tmp_pa
     # mu = 2: steps 1, 3, 5 generate (reward stats), steps 2, 4, 6 reuse the rollout
     assert [("reward/mean" in r) for r in train_recs] == [True, False] * 3
     assert any("eval/reward/mean" in r for r in recs)
+    if dynamic:
+        assert sum(r.get("dynamic_sampling/fresh_prompts", 0) for r in train_recs) > 0
 
 
 def test_grpo_kl_with_a_lora_base_reference(tmp_path):

@@ -407,7 +407,8 @@ class Trainer:
         self.model = self.par.wrap(self._build_model().to(self.device))
         self.model.train()
         self.reference = Reference(ref_mode, self.model)
-        rt = Runtime(cfg=cfg, model=self.model, tokenizer=tokenizer, device=self.device, reference=self.reference)
+        rt = Runtime(cfg=cfg, model=self.model, tokenizer=tokenizer, device=self.device, reference=self.reference,
+                     extras={"train_examples": self.train_ex})
         try:
             self.algo = algo_cls(cfg, rt)
         except ValueError as e:  # a loss option the loss rejects (e.g. an unknown loss.type)

@@ -100,7 +100,9 @@ class Runtime:
     device: torch.device
     reference: Any = None
     extras: dict = field(default_factory=dict)
-    """Free slot for algorithm-specific objects (a critic, a reward model, a generation backend)."""
+    """Free slot for algorithm-specific objects (a critic, a reward model, a generation backend). The trainer
+    puts the training split there as ``"train_examples"`` (GRPO's dynamic sampling draws fresh refill prompts
+    from it)."""
 
     def sequence_logps(self, batch: dict, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sequence summed log-probs of the scored tokens and their counts, ``([S] fp32, [S] int)``.
