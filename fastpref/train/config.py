@@ -511,6 +511,8 @@ _CHOICES = {
     "data.on_bad_row": ("error", "skip"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.liger": ("auto", True, False),
+    "train.fsdp": ("off", "full_shard", "shard_grad_op"),
 }
 
 _POSITIVE = ("train.batch_size", "train.grad_accum", "data.max_length", "data.max_prompt_length", "optim.lr",
@@ -538,7 +540,7 @@ def validate_config(cfg: Config) -> None:
                           + f" (known: {', '.join(sorted(ALGORITHMS))})")
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key}={_get(cfg, key)!r}: expected one of {', '.join(choices)}")
+            raise ConfigError(f"{key}={_get(cfg, key)!r}: expected one of {', '.join(str(c).lower() for c in choices)}")
     for key in _POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r}: expected a value > 0")

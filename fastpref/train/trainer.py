@@ -193,6 +193,7 @@ class Trainer:
         for i, e in enumerate(train + held):
             e["uid"] = i
         self.train_ex, self.eval_ex, self.report = train, held, report
+        self.eval_rows = len(held)  # rows the last evaluation used (train.eval_batches may cap it)
 
     def _reference_mode(self, algo_cls) -> str:
         mode = self.cfg.reference.mode
@@ -344,11 +345,13 @@ class Trainer:
         self.model.eval()
         bs = self.cfg.train.batch_size
         items = []
+        self.eval_rows = 0
         for i in range(0, len(self.eval_ex), bs):
             if self.cfg.train.eval_batches and i // bs >= self.cfg.train.eval_batches:
                 break
             chunk = self.eval_ex[i:i + bs]
             items.append((len(chunk), algo.eval_metrics(algo.collate(chunk))))
+            self.eval_rows += len(chunk)
         self.model.train()
         return {f"eval/{k}": v for k, v in _mean_metrics(items).items()}
 
@@ -403,7 +406,7 @@ class Trainer:
                 shutil.rmtree(os.path.join(self.out, "tensorboard"), ignore_errors=True)
         self._barrier()
 
-        self._build_model = lambda: build_model(cfg, tokenizer, algo_cls.model_kind)
+        self._build_model = lambda: build_model(cfg, tokenizer, algo_cls.model_kind, say=self.say)
         self.model = self.par.wrap(self._build_model().to(self.device))
         self.model.train()
         self.reference = Reference(ref_mode, self.model)
@@ -524,8 +527,8 @@ class Trainer:
         secs = time.time() - t0
         acc = last_eval.get("eval/rewards/accuracies", last_eval.get("eval/accuracy"))
         if acc is not None:
-            print(f"held-out preference accuracy: {acc:.3f}  ({len(self.eval_ex)} pairs, step {total}, "
-                  f"{secs:.1f}s) -> {self.out}", flush=True)
+            print(f"held-out preference accuracy: {acc:.3f}  ({self.eval_rows} pairs, step {total}, {secs:.1f}s) "
+                  f"-> {self.out}", flush=True)
         else:
             print(f"done: step {total}, {secs:.1f}s -> {self.out}", flush=True)
         return RunResult(total, last_train, last_eval, secs, self.out)
