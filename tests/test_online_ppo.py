@@ -280,6 +280,18 @@ def test_ppo_through_the_trainer_resumes_mid_epochs_to_the_same_weights(tmp_path
     assert ("value_head.weight" in a) == (over.get("ppo.critic") != "separate" and "model.lora.enabled" not in over)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # final/ also holds the trained critic: final/critic/ (trunk + head), or the shared head next to the adapters
+    from safetensors.torch import load_file
+
+    critic_files = (["critic/model.safetensors", "critic/value_head.safetensors"] if over.get("ppo.critic")
+                    else ["value_head.safetensors"])
+    for name in critic_files:
+        fa, fb = (load_file(str(tmp_path / run / "final" / name)) for run in ("full", "cut"))
+        assert fa.keys() == fb.keys() and fa
+        for k in fa:
+            assert torch.equal(fa[k], fb[k]), (name, k)
+    head = load_file(str(tmp_path / "full" / "final" / critic_files[-1]))["weight"]
+    assert head.abs().sum() > 0  # trained away from its zero initialisation
 
 
 _DDP_SCRIPT = '''

@@ -518,7 +518,7 @@ class Trainer:
         if self.rank != 0:
             self._barrier()
             return RunResult(total, last_train, last_eval, time.time() - t0, self.out)
-        self._save_final(tokenizer, state)
+        self._save_final(tokenizer, state, self.algo)
         self._barrier()
         if cfg.train.plots:
             from fastpref.train.plots import plot_metrics
@@ -549,12 +549,13 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
 
-    def _save_final(self, tokenizer, state: dict | None) -> None:
+    def _save_final(self, tokenizer, state: dict | None, algo: Algorithm) -> None:
         final = os.path.join(self.out, "final")
         tmp = os.path.join(self.out, ".tmp-final")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp, **({} if state is None else {"state_dict": state}))
         tokenizer.save_pretrained(tmp)
+        algo.save_final(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
 

@@ -184,5 +184,9 @@ class Algorithm:
         """Resumable state (saved in each checkpoint as ``algorithm.pt``)."""
         return {}
 
+    def save_final(self, directory: str) -> None:
+        """Write trained weights the algorithm owns (not part of the policy's own files) into ``final/``
+        (``directory``; rank 0, before the directory is renamed into place). PPO writes its critic here."""
+
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`."""

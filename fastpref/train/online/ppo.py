@@ -12,7 +12,8 @@ batch) plus ``vf_coef`` times the clipped value loss (``cliprange_value`` around
 The critic (``critic``):
 
 * ``shared`` (default): a linear value head on the policy trunk (``value_head``, attached to the model, so the
-  trainer's optimizer includes it, and ``final/`` without LoRA; zero-initialised, so the first values are 0). One
+  trainer's optimizer includes it, and ``final/``'s model file without LoRA, ``final/value_head.safetensors`` with
+  LoRA; zero-initialised, so the first values are 0). One
   trunk pass gives the log-probs and the values, and the value loss also trains the trunk. The head's weights are
   part of the algorithm's checkpointed state as well: with LoRA the trainer's checkpoints hold only the adapters.
 * ``separate``: a value model of its own (:class:`Critic`: a decoder trunk and a linear head ``H -> 1``), as
@@ -23,7 +24,8 @@ The critic (``critic``):
   policy's device in the policy's dtype and trains all its weights with its own AdamW (``critic_lr``; the
   ``optim`` betas, eps, weight decay, ``max_grad_norm`` and linear warm-up, then constant), stepped in
   ``on_step_end`` right after the policy's step; the value loss never reaches the policy. Its weights, optimizer
-  and schedule are in the algorithm's checkpointed state (``algorithm.pt``), not in ``final/``.
+  and schedule are in the algorithm's checkpointed state (``algorithm.pt``); ``final/critic/`` holds the trained
+  trunk (``save_pretrained``) and ``value_head.safetensors``.
 
 Differences from TRL: each PPO epoch is one trainer step over the whole rollout (in ``train.grad_accum``
 micro-batches) instead of TRL's shuffled mini-batches; a separate critic's learning rate does not follow
@@ -338,6 +340,20 @@ class PPO(OnlineAlgorithm):
         else:
             sd["value_head"] = self.value_head.state_dict()
         return sd
+
+    def save_final(self, directory: str) -> None:
+        """``final/critic/``: a separate critic's trunk (``save_pretrained``) and ``value_head.safetensors``;
+        ``final/value_head.safetensors``: the shared head under LoRA (without LoRA it is in the model's own file)."""
+        from safetensors.torch import save_file
+
+        if self.critic is not None:
+            path = os.path.join(directory, "critic")
+            self.critic.trunk.save_pretrained(path)
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.critic.head.state_dict().items()},
+                      os.path.join(path, "value_head.safetensors"))
+        elif hasattr(self.rt.model, "peft_config"):
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
+                      os.path.join(directory, "value_head.safetensors"))
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
