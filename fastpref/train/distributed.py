@@ -238,16 +238,19 @@ class Parallel:
     def step(self) -> float | None:
         """Average the gradients over ranks, clip (``optim.max_grad_norm``), optimizer and schedule step, zero the
         gradients; returns the gradient norm before clipping (None without clipping)."""
-        if self.world > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            all_reduce_mean(grads)
-            for p, g in zip(self.params, grads):
-                p.grad = g
+        self._average_grads()
         gnorm = self._clip()
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return gnorm
+
+    def _average_grads(self) -> None:
+        if self.world > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            all_reduce_mean(grads)
+            for p, g in zip(self.params, grads):
+                p.grad = g
 
     def _clip(self) -> float | None:
         clip = self.cfg.optim.max_grad_norm
@@ -327,12 +330,8 @@ class FSDPParallel(Parallel):
     def begin_micro(self, last: bool) -> None:
         self.root.unshard()  # for losses that read the head weight before running the decoder
 
-    def step(self) -> float | None:
-        gnorm = self._clip()
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        return gnorm
+    def _average_grads(self) -> None:
+        """Nothing to do: FSDP reduce-scatters the gradients in the backward."""
 
     def _clip(self) -> float | None:
         """``clip_grad_norm_`` over sharded gradients: the squared norms of the local shards, summed over ranks."""
