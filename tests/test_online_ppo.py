@@ -97,8 +97,9 @@ def test_ppo_rollout_advantages_match_naive_gae(critic):
     assert bool((mb["advantages"][~on] == 0).all())
 
 
-def test_ppo_resume_mid_epochs_continues_identically():
-    kw = dict(gen_num_generations=2, gen_max_new_tokens=3, num_ppo_epochs=3)
+@pytest.mark.parametrize("critic", [{}, {"critic": "separate", "critic_lr": 3e-2}], ids=["shared", "separate"])
+def test_ppo_resume_mid_epochs_continues_identically(critic):
+    kw = dict(gen_num_generations=2, gen_max_new_tokens=3, num_ppo_epochs=3, **critic)
     a, ex = make_algo("ppo", **kw)
     _, opt = run_steps(a, ex, 4, batch_size=4)               # rollout 2 is used by steps 4, 5, 6
     snap = snapshot(a, opt)
@@ -107,21 +108,9 @@ def test_ppo_resume_mid_epochs_continues_identically():
     opt_b = restore(b, snap)
     run_steps(b, ex, 3, batch_size=4, opt=opt_b, start=4)
     assert_same_params(a.rt.model, b.rt.model)
-
-
-
-def test_ppo_separate_critic_resume_mid_epochs_continues_identically():
-    kw = dict(gen_num_generations=2, gen_max_new_tokens=3, num_ppo_epochs=3, critic="separate", critic_lr=3e-2)
-    a, ex = make_algo("ppo", **kw)
-    _, opt = run_steps(a, ex, 4, batch_size=4)
-    snap = snapshot(a, opt)
-    run_steps(a, ex, 3, batch_size=4, opt=opt, start=4)
-    b, _ = make_algo("ppo", seed=1, **kw)
-    opt_b = restore(b, snap)
-    run_steps(b, ex, 3, batch_size=4, opt=opt_b, start=4)
-    assert_same_params(a.rt.model, b.rt.model)
-    assert_same_params(a.critic, b.critic)
-    assert a.critic_opt.state_dict()["state"][0]["step"] == b.critic_opt.state_dict()["state"][0]["step"] == 7
+    if critic:
+        assert_same_params(a.critic, b.critic)
+        assert a.critic_opt.state_dict()["state"][0]["step"] == b.critic_opt.state_dict()["state"][0]["step"] == 7
 
 
 def _policy_trunk(model):

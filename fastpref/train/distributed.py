@@ -44,7 +44,6 @@ import torch
 from fastpref.train.config import Config, ConfigError
 from fastpref.train.modeling import base_model, load_trainable_state, trainable_state
 
-FSDP_CHOICES = ("off", "full_shard", "shard_grad_op")
 _LAUNCH_ENV = ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")  # torch's env:// rendezvous
 
 # DeepSpeed config keys fastpref fills from its own config ("auto") or checks against it.
@@ -64,9 +63,7 @@ _DS_SECTIONS = ("zero_optimization", "bf16", "fp16", "amp", "pipeline", "hybrid_
 def parallel_kind(cfg: Config) -> str:
     """``single``, ``ddp``, ``fsdp`` or ``deepspeed`` for ``cfg`` and the launch environment; raises
     :class:`ConfigError` (naming the key) for impossible combinations."""
-    t = cfg.train
-    if t.fsdp not in FSDP_CHOICES:
-        raise ConfigError(f"train.fsdp={t.fsdp!r}: expected one of {', '.join(FSDP_CHOICES)}")
+    t = cfg.train  # (train.fsdp's value itself is checked with the other choices by ``validate_config``)
     missing = ", ".join(v for v in _LAUNCH_ENV if v not in os.environ)  # what torchrun / deepspeed set
     if t.deepspeed is not None:
         if t.fsdp != "off":
