@@ -13,9 +13,9 @@ The critic (``critic``):
 
 * ``shared`` (default): a linear value head on the policy trunk (``value_head``, attached to the model, so the
   trainer's optimizer includes it, and ``final/``'s model file without LoRA, ``final/value_head.safetensors`` with
-  LoRA; zero-initialised, so the first values are 0). One
-  trunk pass gives the log-probs and the values, and the value loss also trains the trunk. The head's weights are
-  part of the algorithm's checkpointed state as well: with LoRA the trainer's checkpoints hold only the adapters.
+  LoRA; zero-initialised, so the first values are 0). One trunk pass gives the log-probs and the values, and the
+  value loss also trains the trunk. The head's weights are part of the algorithm's checkpointed state as well:
+  with LoRA the trainer's checkpoints hold only the adapters.
 * ``separate``: a value model of its own (:class:`Critic`: a decoder trunk and a linear head ``H -> 1``), as
   TRL's ``value_model``. ``critic_path`` names its initial weights: a local Hugging Face directory or ``.gguf``
   file loaded as ``AutoModelForSequenceClassification(num_labels=1)`` (the ``score`` head of an ``algorithm=rm``
@@ -347,13 +347,15 @@ class PPO(OnlineAlgorithm):
         from safetensors.torch import save_file
 
         if self.critic is not None:
-            path = os.path.join(directory, "critic")
-            self.critic.trunk.save_pretrained(path)
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.critic.head.state_dict().items()},
-                      os.path.join(path, "value_head.safetensors"))
+            directory = os.path.join(directory, "critic")
+            self.critic.trunk.save_pretrained(directory)
+            head = self.critic.head
         elif hasattr(self.rt.model, "peft_config"):
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
-                      os.path.join(directory, "value_head.safetensors"))
+            head = self.value_head
+        else:
+            return  # the head is in the model's own file
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
+                  os.path.join(directory, "value_head.safetensors"))
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
