@@ -206,6 +206,19 @@ def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
         t.copy_(f)
 
 
+def average_grads(params: list[torch.nn.Parameter]) -> None:
+    """Mean over ranks of the gradients of ``params`` (a missing gradient counts as zero), with one flattened
+    all-reduce; nothing to do without an initialised process group of several ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    all_reduce_mean(grads)
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
 # ------------------------------------------------------------------------------------------- backends
 
 class Parallel:
@@ -243,11 +256,7 @@ class Parallel:
         return gnorm
 
     def _average_grads(self) -> None:
-        if self.world > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            all_reduce_mean(grads)
-            for p, g in zip(self.params, grads):
-                p.grad = g
+        average_grads(self.params)
 
     def _clip(self) -> float | None:
         clip = self.cfg.optim.max_grad_norm

@@ -46,6 +46,7 @@ from fastpref.losses.policy import policy_loss, value_loss
 from fastpref.ops import linear_logprobs
 from fastpref.rewards import RewardModelScorer
 from fastpref.train.algorithms.base import register_algorithm
+from fastpref.train.distributed import average_grads
 from fastpref.train.modeling import base_model, lm_head
 from fastpref.train.online.common import OnlineAlgorithm, OnlineConfig, metrics_float, micro_batch, token_logps
 from fastpref.train.rollout import PackedBatch, pack_rollout, policy_hidden, timed
@@ -204,21 +205,6 @@ def build_critic(path: str | None, policy: torch.nn.Module, *, pad_id: int, grad
     return critic.train()
 
 
-def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over the ranks of an initialised process group (torchrun), as the
-    trainer does for the policy's; nothing to do in a single process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p)
-
-
 @register_algorithm("ppo")
 class PPO(OnlineAlgorithm):
     """PPO with a shared value head or a separate critic (see the module docstring)."""
@@ -323,7 +309,7 @@ class PPO(OnlineAlgorithm):
     def _critic_step(self) -> None:
         """The separate critic's optimizer step on the gradients the step's micro-batches accumulated."""
         params = list(self.critic.parameters())
-        _all_reduce_grads(params)
+        average_grads(params)
         max_norm = self.cfg.optim.max_grad_norm
         if max_norm is not None:
             self.step_metrics["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
