@@ -45,7 +45,7 @@ run_bench() {  # run_bench SECONDS OP: one op, no new case after SECONDS (or aft
   l=$(left)
   (( l < b )) && b=$l
   (( b < 5 )) && { echo "gpu_suite: no time left for $2" | tee -a "$OUT/bench-$PART.log"; return; }
-  $PY -m fastpref.cli bench --op "$2" --time-budget "$b" 2>&1 | tee -a "$OUT/bench-$PART.log"
+  $PY -m fastpref.cli bench --update-repo --op "$2" --time-budget "$b" 2>&1 | tee -a "$OUT/bench-$PART.log"
 }
 
 gpu_tests() {

@@ -4,7 +4,8 @@ For each op (``--op``), each size of its sweep (GPU sizes on CUDA, CPU sizes wit
 and each provider: build the inputs, build the provider (``unavailable: <reason>`` when it cannot run here),
 run one warm-up call (its loss is recorded so providers can be compared), measure the peak extra memory of one
 call, then time it (see :mod:`fastpref.benchmarks.measure`). An out-of-memory error is recorded as ``OOM`` and
-the sweep goes on. Output in ``--out`` (default ``benchmarks/results/<device-slug>/``): ``<op>.csv``,
+the sweep goes on. Output in ``--out`` (default ``bench-results/<device-slug>/`` under the current directory;
+``--update-repo`` writes the repository's tracked ``benchmarks/results/<device-slug>/`` instead): ``<op>.csv``,
 ``<op>.md``, ``<op>.png`` per op, and ``summary.md`` over every ``<op>.csv`` found there (so a sweep split over
 two invocations ends with one summary).
 """
@@ -254,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per case on CPU (CUDA: do_bench)")
     ap.add_argument("--case-seconds", type=float, default=4.0,
                     help="CPU: stop timing a provider after this many seconds of timed calls (at least one call)")
-    ap.add_argument("--out", type=Path, default=None, help="output dir (default benchmarks/results/<device>)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output dir (default: bench-results/<device> under the current directory)")
+    ap.add_argument("--update-repo", action="store_true",
+                    help="write the repository's tracked benchmarks/results/<device>/ (to commit new numbers)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--time-budget", type=float, default=None,
@@ -268,13 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick or device.type != "cuda"
+    if args.update_repo and args.out is not None:
+        ap.error("--update-repo writes benchmarks/results/<device>/; do not combine it with --out")
+    if args.update_repo:
+        args.out = Path(__file__).resolve().parent / "results" / measure.device_slug(device)
     if args.summary_only:
         if args.out is None:
             ap.error("--summary-only needs --out")
         print(f"fastpref bench: wrote {write_summary(args.out, _merged_header(args.out))}")
         return 0
     ops = [OPS[o] for o in (args.op or list(OPS))]
-    out = args.out or Path(__file__).resolve().parent / "results" / measure.device_slug(device)
+    out = args.out or Path("bench-results") / measure.device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
     sel = [p for p in (args.providers or "").split(",") if p]
     skip = {p for p in args.skip_providers.split(",") if p}

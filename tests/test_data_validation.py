@@ -65,7 +65,7 @@ def test_file_that_is_not_json(tmp_path, content, needle):
     assert str(p) in str(e.value)
     q = tmp_path / "bad.jsonl"
     q.write_text(json.dumps(GOOD) + "\n\n{oops\n")
-    with pytest.raises(DataError, match=r"line 3 \(row 1\) is not valid JSON"):
+    with pytest.raises(DataError, match=r"line 3 \(row 1\): not valid JSON"):
         read_rows(str(q))
     with pytest.raises(DataError, match="no such file"):
         read_rows(str(tmp_path / "nope.json"))

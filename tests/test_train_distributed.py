@@ -3,6 +3,7 @@
 global batch as ``grad_accum=2`` micro-batches, also across a kill and ``resume=auto``; impossible settings are
 ConfigErrors that name the key. (Plain torchrun DDP: ``tests/test_train_ddp.py``.)"""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +21,14 @@ from fastpref.train.trainer import Trainer
 # The run used by every comparison: SFT warm-up step 1, then DPO (the reference is taken at step 2).
 ARGS = ["data.synthetic_rows=64", "train.batch_size=4", "train.sft_warmup_steps=1", "train.eval_every=0",
         "train.log_every=1", "train.plots=false", "data.eval_fraction=0.1"]
+
+
+def needs_deepspeed(fn):
+    """Marked ``deepspeed`` (``.ci/run`` runs these with the extra: ``pytest -m deepspeed``), skipped without it."""
+    skip = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                              reason="needs the deepspeed extra (pip install -e '.[test,deepspeed]')")
+    return pytest.mark.deepspeed(skip(fn))
+
 
 _SCRIPT = """
 import sys
@@ -141,8 +150,8 @@ def _ds_config(tmp_path, stage):
 
 @gloo
 @pytest.mark.slow
+@needs_deepspeed
 def test_deepspeed_zero2_two_processes_match_one_process(single, tmp_path):
-    pytest.importorskip("deepspeed")
     out = tmp_path / "run"
     run_train(tmp_path, [f"output_dir={out}", "train.grad_accum=1", f"train.deepspeed={_ds_config(tmp_path, 2)}",
                          *ARGS, *STEPS], nproc=2)
@@ -152,8 +161,8 @@ def test_deepspeed_zero2_two_processes_match_one_process(single, tmp_path):
 
 @gloo
 @pytest.mark.slow
+@needs_deepspeed
 def test_deepspeed_zero3_killed_and_resumed_matches_one_process(single, tmp_path):
-    pytest.importorskip("deepspeed")
     out = _killed_and_resumed(tmp_path, [f"train.deepspeed={_ds_config(tmp_path, 3)}",
                                          "reference.mode=precompute"])
     _assert_matches(single, out)
@@ -171,9 +180,6 @@ def test_impossible_parallel_settings_name_the_key(monkeypatch, tmp_path):
     assert parallel_kind(_cfg()) == "single"
     with pytest.raises(ConfigError, match=r"train.fsdp=full_shard: needs torchrun .*not set: WORLD_SIZE, RANK, "):
         parallel_kind(_cfg("train.fsdp=full_shard"))
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    with pytest.raises(ConfigError, match=r"train.deepspeed='ds.json': needs a launcher .*not set: RANK, MASTER"):
-        parallel_kind(_cfg("train.deepspeed=ds.json"))
     with pytest.raises(ConfigError, match=r"train.fsdp='zero3': expected one of off, full_shard, shard_grad_op"):
         parallel_kind(_cfg("train.fsdp=zero3"))
     for k, v in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
@@ -189,14 +195,23 @@ def test_impossible_parallel_settings_name_the_key(monkeypatch, tmp_path):
         parallel_kind(_cfg("train.deepspeed=ds.json"))
 
 
+@needs_deepspeed
+def test_deepspeed_without_a_launcher_names_the_key(monkeypatch):
+    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"train.deepspeed='ds.json': needs a launcher .*not set: RANK, MASTER"):
+        parallel_kind(_cfg("train.deepspeed=ds.json"))
+
+
 def _write(tmp_path, ds):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
     return str(path)
 
 
+@needs_deepspeed
 def test_deepspeed_config_fills_auto_and_rejects_contradictions(tmp_path):
-    pytest.importorskip("deepspeed")
     zero2 = {"zero_optimization": {"stage": 2}}
     autos = {**zero2, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
              "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}

@@ -70,6 +70,9 @@ def arith_reward(prompts: Sequence[str], completions: Sequence[str], **columns) 
     return out
 
 
+arith_reward.columns = ("answer",)
+
+
 def arith_sft_rows(n: int, *, seed: int = 0, **kwargs) -> list[dict]:
     """``{"prompt", "response"}`` rows (gold response = the answer): the SFT data SPIN and APO start from."""
     return [{"prompt": r["prompt"], "response": r["answer"], "answer": r["answer"]}

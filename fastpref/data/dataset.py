@@ -86,23 +86,70 @@ def read_rows(path: str) -> list[Any]:
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno} (row {len(rows)}) is not valid JSON: {e.msg}") from None
+            where = f"{path}: line {lineno} (row {len(rows)})"
+            rows.append(_parse_json(line, where))
+            dup = _duplicate_key(rows[-1])
+            if dup is not None:
+                raise DataError(f"{where}: duplicate key {dup!r} in one object")
         return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    data = _parse_json(text, path)
+    if isinstance(data, _DupKeys):
+        raise DataError(f"{path}: duplicate key {data.dup!r} in the top-level object")
     if isinstance(data, dict):
         for key in ("train", "data", "rows"):
             if isinstance(data.get(key), list):
-                return data[key]
-        raise DataError(f"{path}: expected a JSON list of rows (or an object with a 'train'/'data' list)")
+                data = data[key]
+                break
+        else:
+            raise DataError(f"{path}: expected a JSON list of rows (or an object with a 'train'/'data' list)")
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        dup = _duplicate_key(row)
+        if dup is not None:
+            raise DataError(f"{path}: row {i}: duplicate key {dup!r} in one object")
     return data
+
+
+class _DupKeys(dict):
+    """A JSON object that held a key more than once (``dup``: the first repeated key; the last value is kept)."""
+
+    dup: str = ""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    d = dict(pairs)
+    if len(d) == len(pairs):
+        return d
+    seen: set[str] = set()
+    out = _DupKeys(d)
+    out.dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return out
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """``json.loads`` with duplicate keys marked (``_DupKeys``) and errors as one-line :class:`DataError`\\ s."""
+    try:
+        return json.loads(text, object_pairs_hook=_object)
+    except json.JSONDecodeError as e:
+        at = f" at line {e.lineno} column {e.colno}" if "line " not in where else ""
+        raise DataError(f"{where}: not valid JSON: {e.msg}{at}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
+
+
+def _duplicate_key(value: Any) -> str | None:
+    """The first repeated key of any object inside ``value`` (iteratively: rows may be deeply nested), or None."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, _DupKeys):
+            return v.dup
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ normalising
@@ -245,6 +292,13 @@ class Tokenization:
     truncation: str = "error"
     chat_template: str = "auto"
 
+    def __post_init__(self):
+        if self.chat_template not in ("auto", "none") and not hasattr(self.tokenizer, "apply_chat_template"):
+            from fastpref.train.config import ConfigError
+
+            raise ConfigError(f"data.chat_template: the tokenizer ({type(self.tokenizer).__name__}) cannot apply a "
+                              "chat template; use auto or none")
+
     def _template(self) -> str | None:
         if self.chat_template == "none":
             return None
@@ -327,12 +381,15 @@ class LoadReport:
 
 def load_examples(paths: list[str], kind: str, tok: Tokenization, *, fmt: str = "auto", on_bad_row: str = "error",
                   report: LoadReport | None = None, rows_override: list[dict] | None = None,
-                  source_name: str = "<synthetic>") -> list[dict]:
+                  source_name: str = "<synthetic>", columns: tuple[str, ...] = (),
+                  columns_for: str = "the reward function") -> list[dict]:
     """Tokenised examples of every row of ``paths`` (or of ``rows_override``), each with ``source``
     (``"file:row"``) and ``row`` (the raw row, for on-line algorithms' answers).
 
-    ``on_bad_row="error"`` raises :class:`DataError` at the first bad row, naming file, row and field;
-    ``"skip"`` counts it in ``report`` and logs it.
+    ``columns``: fields every row must also have (non-null), e.g. the ``answer`` a reward function reads
+    (``fastpref.rewards.reward_columns``; ``columns_for`` names the reader in the message), so a missing one stops
+    the run before training instead of at the first rollout. ``on_bad_row="error"`` raises :class:`DataError`
+    at the first bad row, naming file, row and field; ``"skip"`` counts it in ``report`` and logs it.
     """
     report = report if report is not None else LoadReport()
     out: list[dict] = []
@@ -342,6 +399,9 @@ def load_examples(paths: list[str], kind: str, tok: Tokenization, *, fmt: str = 
             report.rows += 1
             try:
                 ex = tok.example(normalise(row, kind, fmt))
+                for c in columns:
+                    if row.get(c) is None:
+                        raise BadRow(c, f"missing ({columns_for} needs it)")
             except BadRow as e:
                 msg = f"{path}: row {i}: field {e.field!r}: {e.msg}"
                 if on_bad_row == "error":
@@ -355,6 +415,12 @@ def load_examples(paths: list[str], kind: str, tok: Tokenization, *, fmt: str = 
             ex["row"] = row
             out.append(ex)
     return out
+
+
+def identical_pairs(examples: list[dict]) -> list[dict]:
+    """The preference examples whose chosen and rejected token ids are equal (after templating and truncation):
+    they carry no preference, and a run where every pair is like that cannot learn."""
+    return [e for e in examples if "rejected_ids" in e and e["chosen_ids"] == e["rejected_ids"]]
 
 
 def split_examples(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

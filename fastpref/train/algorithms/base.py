@@ -133,6 +133,18 @@ class Algorithm:
 
     default_loss_type: ClassVar[str | None] = None
     """What ``loss.type=auto`` means for this algorithm (None: the algorithm has no loss types)."""
+    loss_types: ClassVar[tuple[str, ...] | None] = None
+    """The valid ``loss.type`` values besides ``auto`` (None: not checked, the loss ignores ``loss.type``)."""
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse option combinations this algorithm cannot run, before any model is built (called by
+        :func:`fastpref.train.config.validate_config`; raise ``ValueError`` naming the key). Default: ``loss.type``
+        must be ``auto`` or one of :attr:`loss_types`."""
+        t = cfg.loss.type
+        if cls.loss_types is not None and t != "auto" and t not in cls.loss_types:
+            raise ValueError(f"loss.type={t!r} is not a {cls.name} loss type (expected auto or one of "
+                             f"{', '.join(cls.loss_types)})")
 
     def __init__(self, cfg: Config, rt: Runtime):
         self.cfg = cfg

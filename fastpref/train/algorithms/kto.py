@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from fastpref.data.collate import collate_single
+from fastpref.losses.preference import KTO_LOSS_TYPES
 from fastpref.train.algorithms.base import Algorithm, register_algorithm
-from fastpref.train.modeling import decoder_hidden, lm_head, sequence_logps
+from fastpref.train.modeling import decoder_hidden, lm_head, logit_transform, sequence_logps
 
 
 @register_algorithm("kto")
@@ -19,20 +20,27 @@ class KTO(Algorithm):
     data_kind = "kto"
     needs_reference = True
     default_loss_type = "kto"
+    loss_types = KTO_LOSS_TYPES
+
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        if cfg.reference.mode == "precompute":
+            # z0 needs reference log-probs of mismatched pairs that change with every batch: not cacheable
+            raise ValueError("reference.mode=precompute is not supported for KTO (its reference point needs the "
+                             "reference on mismatched pairs); use copy or lora_base")
 
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
         from fastpref.losses.fused_preference import FusedLinearKTOLoss
 
-        if rt.reference is not None and rt.reference.mode == "precompute":
-            # z0 needs reference log-probs of mismatched pairs that change with every batch: not cacheable
-            raise ValueError("reference.mode=precompute is not supported for KTO (its reference point needs the "
-                             "reference on mismatched pairs); use copy or lora_base")
+        self.check_config(cfg)
 
         lc = cfg.loss
         self.loss_fn = FusedLinearKTOLoss(beta=lc.beta, loss_type=self.loss_type,
                                           desirable_weight=lc.desirable_weight,
-                                          undesirable_weight=lc.undesirable_weight)
+                                          undesirable_weight=lc.undesirable_weight,
+                                          **logit_transform(rt.model).kwargs())
 
     def collate(self, examples):
         pad = self.rt.tokenizer.pad_token_id

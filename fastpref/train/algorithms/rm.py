@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fastpref.data.collate import collate_preference
 from fastpref.losses import reward_model_loss
+from fastpref.losses.preference import REWARD_LOSS_TYPES
 from fastpref.train.algorithms.base import Algorithm, register_algorithm
 
 
@@ -17,6 +18,7 @@ class RewardModel(Algorithm):
     data_kind = "preference"
     model_kind = "sequence_classification"
     default_loss_type = "bradley_terry"
+    loss_types = REWARD_LOSS_TYPES
 
     def collate(self, examples):
         return collate_preference(examples, self.rt.tokenizer.pad_token_id, device=self.rt.device)
