@@ -18,6 +18,10 @@ Shared-prefix batches pass ``fastpref_prefix=PrefixLayout`` (see ``fastpref.atte
 Everything else -- a padded batch with an ``attention_mask`` containing zeros, decoding with a KV cache
 (query shorter than keys), dropout -- falls back to transformers' SDPA attention, so a model loaded with
 ``attn_implementation="fastpref"`` also generates correctly.
+
+Not implemented, and raised before computing: a ``sliding_window`` shorter than the longest packed sequence and
+attention logit softcapping (``softcap``, Gemma 2). The trainer refuses such models for ``data.pack=true`` before
+training, from their config (``fastpref.train.modeling.packing_refusal``; docs/trainer.md).
 """
 
 from __future__ import annotations
@@ -77,8 +81,9 @@ def fastpref_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
                            or kwargs.get("position_bias") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise ValueError("fastpref attention: softcap is not supported")
+    if kwargs.get("softcap") is not None:  # the trainer refuses such models before training (modeling.py)
+        raise ValueError(f"fastpref attention: attention logit softcapping (softcap={kwargs['softcap']}) is not "
+                         "implemented; load the model with another attn_implementation (data.pack=false)")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q = query.transpose(1, 2).reshape(B * T, hq, D)
     k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)
@@ -86,8 +91,8 @@ def fastpref_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if prefix is not None:
         from fastpref.attention.prefix import prefix_attention
 
+        _check_window(kwargs.get("sliding_window"), prefix.max_seqlen)
         out = prefix_attention(q, k, v, prefix, causal=causal, softmax_scale=scaling, impl=_settings["impl"])
-        max_seqlen = prefix.max_seqlen
     else:
         bounds = _explicit_boundaries(kwargs, q.device)
         if bounds is None:
@@ -98,11 +103,17 @@ def fastpref_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
             else:
                 bounds = cu_seqlens_from_position_ids(pos, B, T)
         cu, max_seqlen = bounds
+        _check_window(kwargs.get("sliding_window"), max_seqlen)
         out = varlen_attention(q, k, v, cu, max_seqlen, causal=causal, softmax_scale=scaling, impl=_settings["impl"])
-    window = kwargs.get("sliding_window")
-    if window is not None and window < max_seqlen:
-        raise ValueError(f"fastpref attention: sliding_window={window} < max_seqlen={max_seqlen} is not supported")
     return out.view(B, T, hq, D), None
+
+
+def _check_window(window: int | None, max_seqlen: int) -> None:
+    """A sliding window shorter than the longest sequence would mask keys the kernel attends to: refuse (before
+    computing). The trainer refuses such configs before training (``fastpref.train.modeling.packing_refusal``)."""
+    if window is not None and window < max_seqlen:
+        raise ValueError(f"fastpref attention: sliding_window={window} < max_seqlen={max_seqlen} is not "
+                         "implemented; load the model with another attn_implementation (data.pack=false)")
 
 
 def _fastpref_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,

@@ -227,7 +227,15 @@ class Parallel:
     checkpoint_format = "plain"
 
     def __init__(self, cfg: Config, device: torch.device, rank: int, world: int):
+        from fastpref.train.precision import grad_scaler
+
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.scaler = grad_scaler(cfg, device)
+        """``torch.amp.GradScaler`` of ``train.precision=fp16-mixed`` (None otherwise): ``backward`` scales the loss,
+        ``step`` unscales, clips and skips steps with inf/nan gradients. Its ``state_dict()`` (scale, growth
+        tracker) is part of the resumable state: checkpoints must save it and resume must restore it
+        (``self.scaler.load_state_dict``) when it is not None -- NOTE for save_checkpoint / load_checkpoint."""
+        self._scale = self.scaler.get_scale() if self.scaler is not None else None  # no sync before the first step
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """Prepare ``model`` (on ``device``) before the optimizer is built."""
@@ -243,17 +251,33 @@ class Parallel:
         """Called before each micro-batch's forward; ``last``: the step's last micro-batch."""
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def step(self) -> float | None:
         """Average the gradients over ranks, clip (``optim.max_grad_norm``), optimizer and schedule step, zero the
-        gradients; returns the gradient norm before clipping (None without clipping)."""
+        gradients; returns the gradient norm before clipping (None without clipping). With the fp16 gradient
+        scaler: unscale before clipping; a step with inf/nan gradients updates nothing (optimizer and schedule,
+        as Accelerate) and halves the scale (one host sync per step to read it: :attr:`loss_scale`)."""
         self._average_grads()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
         gnorm = self._clip()
-        self.opt.step()
-        self.sched.step()
+        if self.scaler is None:
+            self.opt.step()
+            self.sched.step()
+        else:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            before, self._scale = self._scale, self.scaler.get_scale()
+            if self._scale >= before:  # the scale only drops when the step was skipped for inf/nan gradients
+                self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return gnorm
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The fp16 gradient scaler's current scale (None without one)."""
+        return self._scale
 
     def _average_grads(self) -> None:
         average_grads(self.params)

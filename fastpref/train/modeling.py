@@ -2,7 +2,13 @@
 
 The trainer never asks a causal LM for logits: :func:`decoder_hidden` runs the decoder stack
 (``model.get_decoder()``) for the last hidden states, and the losses take the LM head weight
-(``model.get_output_embeddings().weight``) and fuse the projection with the loss.
+(``model.get_output_embeddings().weight``) and fuse the projection with the loss. What the model's own
+``forward`` does to ``lm_head(h)`` (Gemma's final softcapping, Granite's and Cohere's logit scaling) is read from
+the config by :func:`logit_transform` and passed to every op and loss; families it cannot reproduce are refused
+by name, and :func:`check_logits` compares the result with the model's own ``logits`` once before training.
+With ``data.pack=true``, :func:`packing_refusal` refuses configs the varlen attention does not implement
+(sliding windows shorter than the run's sequences, attention softcapping, non-attention layers). Table and
+rules: docs/trainer.md.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -41,25 +49,227 @@ def decoder_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight [V, H], bias [V] or None)`` of the output embedding."""
+    """``(weight [V, H], bias [V] or None)`` of the output embedding (with tied embeddings: the input embedding's
+    weight, which is what ``get_output_embeddings()`` holds; through a PEFT wrapper: the base model's)."""
     head = base_model(model).get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(summed log-prob of the scored tokens [B] fp32, scored token count [B])`` of each row of ``batch``,
-    via ``fastpref.ops.linear_logprobs`` on the last hidden states (no ``[B, T, V]`` logits)."""
+def token_logps(model: torch.nn.Module, batch: dict, *, impl: str = "auto") -> torch.Tensor:
+    """Per-token log-probs of ``batch["targets"]`` (fp32; 0 where the target is -100): ``[B, T]`` padded, ``[N]``
+    packed. The trainer's path: :func:`decoder_hidden`, then ``fastpref.ops.linear_logprobs`` with the LM head
+    and the model's :func:`logit_transform` (no ``[tokens, V]`` logits)."""
     from fastpref.ops import linear_logprobs
 
     hidden = decoder_hidden(model, batch)
     w, b = lm_head(model)
-    tok = linear_logprobs(hidden, w, batch["targets"], bias=b, check_targets=False)
+    return linear_logprobs(hidden, w, batch["targets"], bias=b, check_targets=False, impl=impl,
+                           **logit_transform(model).kwargs())
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed log-prob of the scored tokens [B] fp32, scored token count [B])`` of each row of ``batch``,
+    via :func:`token_logps` (no ``[B, T, V]`` logits)."""
+    tok = token_logps(model, batch)
     scored = batch["targets"] != -100
     if "cu_seqlens" in batch:
         from fastpref.ops import segment_sum
 
         return segment_sum(tok, batch["cu_seqlens"]), segment_sum(scored.long(), batch["cu_seqlens"])
     return tok.sum(-1), scored.sum(-1)
+
+
+# ------------------------------------------------------------------------------ the model's own logit transform
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a causal LM's ``forward`` does to ``lm_head(h)`` (bias included) before returning ``logits``:
+    ``z * logit_scale``, then ``softcap * tanh(z / softcap)`` when ``softcap`` is set -- the semantics of the
+    ``softcap`` / ``logit_scale`` arguments of ``fastpref.ops`` and ``fastpref.losses`` (no family applies both)."""
+
+    softcap: float | None = None
+    logit_scale: float = 1.0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.softcap is None and self.logit_scale == 1.0
+
+    def kwargs(self) -> dict[str, float]:
+        """The keyword arguments for the ops and the fused losses; empty for the identity (so identity families
+        call them exactly as without a transform)."""
+        out: dict[str, float] = {}
+        if self.softcap is not None:
+            out["softcap"] = self.softcap
+        if self.logit_scale != 1.0:
+            out["logit_scale"] = self.logit_scale
+        return out
+
+
+# ``config.model_type`` -> (rule, config attribute), read from each CausalLM's ``forward`` in transformers 5.24
+# (``models/*/modeling_*.py``, what it does to ``logits`` after ``lm_head``); the table in docs/trainer.md.
+_SOFTCAP, _MUL, _DIV = "softcap", "mul", "div"
+_TRANSFORMS: dict[str, tuple[str, str]] = {
+    **{t: (_SOFTCAP, "final_logit_softcapping") for t in (
+        "gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "gemma4_unified_text", "vaultgemma", "nanochat",
+        "beam", "inkling2_text", "inkling2_loop_text")},
+    "recurrent_gemma": (_SOFTCAP, "logits_soft_cap"),
+    "xlstm": (_SOFTCAP, "output_logit_soft_cap"),
+    **{t: (_MUL, "logit_scale") for t in ("cohere", "cohere2", "cohere2_moe", "cohere_compass_text")},
+    **{t: (_DIV, "logits_scaling") for t in (
+        "granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared")},
+    "hyperclovax": (_MUL, "logits_scaling"),  # MuP: multiplies where Granite divides
+    "falcon_h1": (_MUL, "lm_head_multiplier"),
+}
+# Families whose post-head step is not a scale / softcap: refused by name.
+_REFUSED: dict[str, str] = {
+    "inkling_text": "unpadded_vocab_size",        # logits[..., :unpadded_vocab_size]
+    "gemma4_assistant": "use_ordered_embeddings",  # a masked (ordered) embedding head
+    "gemma4_unified_assistant": "use_ordered_embeddings",
+}
+# Families whose forward returns ``lm_head(h)`` unchanged although their config carries one of the attributes
+# below (MPT's ``logit_scale`` is unused by transformers' MptForCausalLM).
+_IDENTITY_WITH_ATTRS = frozenset({"mpt"})
+# Every attribute some family uses for a post-head transform: an unknown family with one of them set to a
+# non-neutral value is refused, never silently ignored.
+_TRANSFORM_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap",
+                    "output_logit_soft_cap", "lm_head_multiplier", "logit_softcapping", "output_multiplier")
+
+
+def _neutral(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 1.0)
+
+
+def logit_transform(model_or_config) -> LogitTransform:
+    """The :class:`LogitTransform` of a causal LM (a model, PEFT wrapper or its ``config``), from the table of
+    families above; raises :class:`ConfigError` naming the model type and the attribute for a family whose
+    post-head logits fastpref does not reproduce, and for an unknown family whose config sets a transform
+    attribute. Reading it is a few attribute look-ups (no device work), so call sites read it when they need it."""
+    cfg = model_or_config if not isinstance(model_or_config, torch.nn.Module) else base_model(model_or_config).config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    mtype = getattr(text, "model_type", None) or getattr(cfg, "model_type", None)
+    if mtype in _REFUSED:
+        attr = _REFUSED[mtype]
+        raise ConfigError(f"model type {mtype!r}: its logits are not lm_head(h) up to a scale or softcap "
+                          f"(config.{attr}); fastpref's fused LM-head losses cannot reproduce them")
+    rule = _TRANSFORMS.get(mtype)
+    if rule is None:
+        if mtype not in _IDENTITY_WITH_ATTRS:
+            for attr in _TRANSFORM_ATTRS:
+                value = getattr(text, attr, None)
+                if not _neutral(value):
+                    raise ConfigError(f"model type {mtype!r}: config.{attr}={value!r} is a logit transform fastpref "
+                                      "does not know for this family (supported families: docs/trainer.md)")
+        return LogitTransform()
+    kind, attr = rule
+    value = getattr(text, attr, None)
+    if value is None:
+        return LogitTransform()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"model type {mtype!r}: config.{attr}={value!r}: expected a positive finite number")
+    if kind == _SOFTCAP:
+        return LogitTransform(softcap=float(value))
+    return LogitTransform(logit_scale=float(value) if kind == _MUL else 1.0 / float(value))
+
+
+# ------------------------------------------------------------------------------ attention under packing
+
+_PACKABLE_LAYERS = ("full_attention", "sliding_attention")
+
+
+def packing_refusal(config, max_length: int) -> str | None:
+    """Why ``data.pack=true`` (the varlen kernel as ``attn_implementation="fastpref"``) cannot run a model with
+    this ``config`` on sequences of up to ``max_length`` tokens, or None. The kernel is causal attention over
+    whole sequences: it has no sliding window (refused when some layer slides with a window shorter than
+    ``max_length``; a window at least that long never masks anything), no attention logit softcapping (Gemma 2's
+    ``attn_logit_softcapping``), and no layers other than attention (linear attention, SSM, chunked attention
+    would mix the packed sequences)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    mtype = getattr(text, "model_type", None)
+    fix = "use data.pack=false (padded batches run the model's own attention)"
+    cap = getattr(text, "attn_logit_softcapping", None)
+    if cap is not None:
+        return (f"model type {mtype!r}: config.attn_logit_softcapping={cap} is not implemented by the packed "
+                f"attention; {fix}")
+    layer_types = getattr(text, "layer_types", None)
+    window = getattr(text, "sliding_window", None)
+    if layer_types:
+        other = sorted({t for t in layer_types if t not in _PACKABLE_LAYERS})
+        if other:
+            return (f"model type {mtype!r}: config.layer_types has {', '.join(other)} layers, which the packed "
+                    f"attention does not implement; {fix}")
+        sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    else:
+        sliding = [] if window is None or getattr(text, "use_sliding_window", True) is False else ["all"]
+    if sliding and window is not None and window < max_length:
+        which = "every layer" if sliding == ["all"] else f"{len(sliding)} of {len(layer_types)} layers"
+        return (f"model type {mtype!r}: config.sliding_window={window} (on {which}) is shorter than the longest "
+                f"sequence of this run ({max_length} tokens) and not implemented by the packed attention; {fix}")
+    return None
+
+
+def max_run_length(cfg: Config) -> int:
+    """The longest sequence a run of ``cfg`` can feed the model: ``data.max_length``, or for an on-line algorithm
+    ``data.max_prompt_length`` + its ``generation.max_new_tokens`` when that is longer."""
+    n = cfg.data.max_length
+    gen = getattr(cfg.sections.get(cfg.algorithm), "generation", None)
+    if gen is not None:
+        n = max(n, cfg.data.max_prompt_length + gen.max_new_tokens)
+    return n
+
+
+# ------------------------------------------------------------------------------ the runtime self-check
+
+_CHECK_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.15, torch.float16: 0.03}
+_CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 0.02, torch.float16: 0.005}
+
+
+def check_logits(model: torch.nn.Module, *, pack: bool = False) -> float:
+    """Compare the trainer's per-token log-probs (:func:`token_logps`, padded or packed as the run uses them) of
+    three short fixed sequences with ``log_softmax`` of the model's own ``logits`` (each sequence run alone);
+    raises :class:`ConfigError` naming the model type on a mismatch beyond the storage dtype's tolerance
+    (a post-head transform fastpref does not know, a head that is not ``get_output_embeddings()``, layers that
+    leak across packed sequences). Returns the largest difference. One no-grad forward on 21 tokens; RNG and
+    train/eval mode are left as they were."""
+    from fastpref.data.collate import pack_sequences, pad_sequences
+
+    inner = base_model(model)
+    mtype = getattr(inner.config, "model_type", None)
+    w, _ = lm_head(model)
+    vocab, dev = w.shape[0], w.device
+    seqs = [([(7 * i + 3 * j + 1) % vocab for j in range(2)], [(5 * i + 11 * j + 2) % vocab for j in range(n)])
+            for i, n in enumerate((3, 6, 4))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batch = pack_sequences(seqs, device=dev) if pack else pad_sequences(seqs, 0, device=dev)
+            ours = token_logps(model, batch)
+            own = []
+            for p, c in seqs:
+                ids = torch.tensor([p + c], device=dev)
+                logits = model(input_ids=ids, use_cache=False).logits[0].float()
+                tgt = torch.tensor((p + c)[1:] + [0], device=dev)
+                lp = logits.log_softmax(-1).gather(-1, tgt[:, None])[:, 0]
+                lp[:len(p) - 1] = 0
+                lp[-1] = 0
+                own.append(lp)
+    finally:
+        model.train(was_training)
+    if pack:
+        ref = torch.cat(own)
+    else:
+        T = batch["targets"].shape[1]
+        ref = torch.stack([torch.nn.functional.pad(x, (0, T - x.numel())) for x in own])
+    ours = ours.float().reshape(ref.shape)
+    mask = batch["targets"].reshape(ref.shape) != -100
+    err = (ours - ref).abs()[mask]
+    tol = _CHECK_ATOL.get(w.dtype, 0.15) + _CHECK_RTOL.get(w.dtype, 0.02) * ref.abs()[mask]
+    worst = float(err.max()) if err.numel() else 0.0
+    if bool((err > tol).any()):
+        raise ConfigError(f"model type {mtype!r}: fastpref's log-probs differ from the model's own logits by up to "
+                          f"{worst:.3g} nats per token ({'packed' if pack else 'padded'}, {w.dtype}): its forward does "
+                          "something after the decoder that the fused LM-head path does not reproduce")
+    return worst
 
 
 def build_tokenizer(cfg: Config):
@@ -208,6 +418,8 @@ def build_model(cfg: Config, tokenizer, kind: str = "causal_lm",
             raise ConfigError(f"model.name_or_path={m.name_or_path!r}: cannot load the model ({e})") from None
         if kind == "sequence_classification" and model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
+    if kind == "causal_lm":
+        check_model_config(cfg, model.config)
     use_liger, why = liger_decision(cfg, model.config.model_type)
     if use_liger:
         applied = apply_liger(model)
@@ -223,7 +435,24 @@ def build_model(cfg: Config, tokenizer, kind: str = "causal_lm",
                         target_modules=list(m.lora.target_modules),
                         task_type="CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS")
         model = get_peft_model(model, lc)
+        if kind == "causal_lm":
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            if isinstance(base_model(model).get_output_embeddings(), BaseTunerLayer):
+                raise ConfigError("model.lora.target_modules: adapters on the LM head would be ignored (the fused "
+                                  "losses read get_output_embeddings().weight directly); leave lm_head out")
     return model
+
+
+def check_model_config(cfg: Config, config) -> None:
+    """The static checks of a causal LM's ``config`` for a run of ``cfg`` (before training): its logit transform
+    is known (:func:`logit_transform`) and, with ``data.pack=true``, the packed attention implements its layers
+    (:func:`packing_refusal`). Raises :class:`ConfigError` naming the model type, the attribute and the fix."""
+    logit_transform(config)
+    if cfg.data.pack:
+        why = packing_refusal(config, max_run_length(cfg))
+        if why is not None:
+            raise ConfigError(f"data.pack=true: {why}")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -38,11 +38,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fastpref.data.dataset import DataError, LoadReport, Tokenization, load_examples, split_examples
+from fastpref.data.dataset import (DataError, LoadReport, Tokenization, identical_pairs, load_examples,
+                                   split_examples)
 from fastpref.train.algorithms.base import ALGORITHMS, Algorithm, Runtime, load_builtin_algorithms
-from fastpref.train.config import Config, ConfigError, dump_config
+from fastpref.train.config import Config, ConfigError, check_device_available, dump_config, validate_config
 from fastpref.train.distributed import all_reduce_mean, init_process_group, make_parallel, parallel_kind
-from fastpref.train.modeling import build_model, build_tokenizer
+from fastpref.train.modeling import build_model, build_tokenizer, check_logits
+from fastpref.train.precision import Precision
 from fastpref.train.reference import Reference, cache_key
 
 log = logging.getLogger("fastpref.train")
@@ -174,6 +176,13 @@ class Trainer:
         kind = algo_cls.data_kind
         report = LoadReport()
         common = dict(fmt=d.format, on_bad_row=d.on_bad_row, report=report)
+        spec = getattr(cfg.sections.get(cfg.algorithm), "reward", None)
+        if spec:  # the columns the reward function reads (e.g. answer) must be in every row, checked now
+            from fastpref.rewards import get_reward_fn, reward_columns
+
+            fn = get_reward_fn(spec)
+            common.update(columns=reward_columns(fn),
+                          columns_for=f"{cfg.algorithm}.reward={getattr(fn, '__name__', spec)}")
         if d.train_files:
             train = load_examples(d.train_files, kind, tok, **common)
         else:
@@ -189,7 +198,14 @@ class Trainer:
             self.say(f"data: skipped {report.skipped} of {report.rows} rows (data.on_bad_row=skip); first: "
                      f"{report.reasons[0]}")
         if not train:
-            raise DataError("no usable training rows" + (f" ({report.skipped} skipped)" if report.skipped else ""))
+            where = ", ".join(d.train_files) or "the synthetic task"
+            raise DataError(f"no usable training rows in {where}: {report.rows} rows read"
+                            + (f", {report.skipped} skipped (first: {report.reasons[0]})" if report.skipped else ""))
+        same = identical_pairs(train)
+        if same:  # no preference signal in those pairs; in all of them the run cannot learn
+            self.say(f"warning: chosen == rejected in {'every one' if len(same) == len(train) else len(same)} of the "
+                     f"{len(train)} training pairs (first: {same[0]['source']}): such pairs carry no preference"
+                     + (", so this run cannot learn" if len(same) == len(train) else ""))
         for i, e in enumerate(train + held):
             e["uid"] = i
         self.train_ex, self.eval_ex, self.report = train, held, report
@@ -319,8 +335,9 @@ class Trainer:
         cache_dir = cfg.reference.cache_dir or os.path.join(self.out, "ref_cache")
         if self.world > 1:  # every rank computes (FSDP / ZeRO-3 forwards are collectives) and writes its own file
             cache_dir = os.path.join(cache_dir, f"rank-{self.rank}")
-        self.reference.precompute(self.train_ex + self.eval_ex, self.algo.collate, cfg.train.batch_size, cache_dir,
-                                  key, log=self.say)
+        with self.amp.autocast():
+            self.reference.precompute(self.train_ex + self.eval_ex, self.algo.collate, cfg.train.batch_size,
+                                      cache_dir, key, log=self.say)
 
     def _copy_reference(self) -> None:
         """``reference.mode=copy``: a frozen copy of the current policy (gathered, unsharded, under FSDP)."""
@@ -350,7 +367,8 @@ class Trainer:
             if self.cfg.train.eval_batches and i // bs >= self.cfg.train.eval_batches:
                 break
             chunk = self.eval_ex[i:i + bs]
-            items.append((len(chunk), algo.eval_metrics(algo.collate(chunk))))
+            with self.amp.autocast():
+                items.append((len(chunk), algo.eval_metrics(algo.collate(chunk))))
             self.eval_rows += len(chunk)
         self.model.train()
         return {f"eval/{k}": v for k, v in _mean_metrics(items).items()}
@@ -378,6 +396,8 @@ class Trainer:
         cfg = self.cfg
         self._bar = None
         t0 = time.time()
+        validate_config(cfg)  # a Config built in code gets the checks load_config does, before anything is built
+        check_device_available(cfg.train.device)
         load_builtin_algorithms()
         algo_cls = ALGORITHMS[cfg.algorithm]
         self.device = _device(cfg)
@@ -386,6 +406,7 @@ class Trainer:
         kind = parallel_kind(cfg)
         self.rank, self.world = init_process_group(kind, self.device)
         self.par = make_parallel(cfg, kind, self.device, self.rank, self.world)
+        self.amp = Precision(cfg, self.device)  # autocast of train.precision (the fp16 scaler is self.par.scaler)
         _seed_all(cfg.train.seed)
         tokenizer = build_tokenizer(cfg)
         self._load_data(algo_cls, tokenizer)            # bad data stops the run here, before any training
@@ -407,7 +428,10 @@ class Trainer:
         self._barrier()
 
         self._build_model = lambda: build_model(cfg, tokenizer, algo_cls.model_kind, say=self.say)
-        self.model = self.par.wrap(self._build_model().to(self.device))
+        model = self._build_model().to(self.device)
+        if algo_cls.model_kind == "causal_lm":  # the fused path must give the model's own log-probs, or refuse
+            check_logits(model, pack=cfg.data.pack)
+        self.model = self.par.wrap(model)
         self.model.train()
         self.reference = Reference(ref_mode, self.model)
         rt = Runtime(cfg=cfg, model=self.model, tokenizer=tokenizer, device=self.device, reference=self.reference,
@@ -466,11 +490,13 @@ class Trainer:
             algo = warm_algo if in_warmup else self.algo
             examples = self._global_batch(step)
             algo.step_metrics = {}
-            micro = algo.micro_batches(examples, step)
+            with self.amp.autocast():  # on-line algorithms roll out and score old / reference log-probs here
+                micro = algo.micro_batches(examples, step)
             items = []
             for i, mb in enumerate(micro):
                 self.par.begin_micro(last=i == len(micro) - 1)
-                loss, metrics = algo.compute_loss(mb)
+                with self.amp.autocast():
+                    loss, metrics = algo.compute_loss(mb)
                 self.par.backward(loss / len(micro))
                 rows = mb["cu_seqlens"].numel() - 1 if "cu_seqlens" in mb else mb["input_ids"].shape[0]
                 items.append((rows, {"loss": loss.detach(), **metrics}))
@@ -484,6 +510,8 @@ class Trainer:
                        **self._ranks_mean(_mean_metrics(items)), "lr": lr}
                 if gnorm is not None:
                     rec["grad_norm"] = float(gnorm)
+                if self.par.loss_scale is not None:
+                    rec["amp/loss_scale"] = self.par.loss_scale
                 rec.update({k: float(v) for k, v in algo.step_metrics.items()})
                 dt = max(time.time() - t_window, 1e-9)
                 rec["tokens_per_s"] = tok_count / dt

@@ -9,8 +9,9 @@ base or precomputed cache; always no-grad); ORPO, SimPO and CPO are reference-fr
 from __future__ import annotations
 
 from fastpref.data.collate import collate_preference, split_pairs
+from fastpref.losses.preference import CPO_LOSS_TYPES, DPO_LOSS_TYPES
 from fastpref.train.algorithms.base import Algorithm, register_algorithm
-from fastpref.train.modeling import decoder_hidden, lm_head
+from fastpref.train.modeling import decoder_hidden, lm_head, logit_transform
 
 
 class _Paired(Algorithm):
@@ -18,9 +19,10 @@ class _Paired(Algorithm):
 
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
-        self.loss_fn = self.make_loss()
+        self.loss_fn = self.make_loss(**logit_transform(rt.model).kwargs())
 
-    def make_loss(self):
+    def make_loss(self, **head):
+        """The fused loss; ``head`` is the model's logit transform (``softcap``, ``logit_scale``)."""
         raise NotImplementedError
 
     def collate(self, examples):
@@ -42,33 +44,47 @@ class DPO(_Paired):
 
     needs_reference = True
     default_loss_type = "sigmoid"
+    loss_types = DPO_LOSS_TYPES
 
-    def make_loss(self):
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        import torch
+
+        from fastpref.losses.preference import dpo_loss
+
+        one = torch.zeros(1)  # the loss rejects bad option combinations (e.g. exo_pair without smoothing) now
+        lc = cfg.loss
+        dpo_loss(one, one, one, one, beta=lc.beta, loss_type=cls.default_loss_type if lc.type == "auto" else lc.type,
+                 label_smoothing=lc.label_smoothing, chosen_lengths=one + 1, rejected_lengths=one + 1)
+
+    def make_loss(self, **head):
         from fastpref.losses.fused_preference import FusedLinearDPOLoss
 
         lc = self.cfg.loss
-        return FusedLinearDPOLoss(beta=lc.beta, loss_type=self.loss_type, label_smoothing=lc.label_smoothing)
+        return FusedLinearDPOLoss(beta=lc.beta, loss_type=self.loss_type, label_smoothing=lc.label_smoothing, **head)
 
 
 @register_algorithm("orpo")
 class ORPO(_Paired):
     """ORPO (Hong et al. 2024): NLL on the chosen + ``loss.beta`` x log-odds-ratio penalty; reference-free."""
 
-    def make_loss(self):
+    def make_loss(self, **head):
         from fastpref.losses.fused_preference import FusedLinearORPOLoss
 
-        return FusedLinearORPOLoss(beta=self.cfg.loss.beta)
+        return FusedLinearORPOLoss(beta=self.cfg.loss.beta, **head)
 
 
 @register_algorithm("simpo")
 class SimPO(_Paired):
     """SimPO (Meng et al. 2024): length-normalised implicit reward with margin ``loss.simpo_gamma``."""
 
-    def make_loss(self):
+    def make_loss(self, **head):
         from fastpref.losses.fused_preference import FusedLinearSimPOLoss
 
         lc = self.cfg.loss
-        return FusedLinearSimPOLoss(beta=lc.beta, simpo_gamma=lc.simpo_gamma, label_smoothing=lc.label_smoothing)
+        return FusedLinearSimPOLoss(beta=lc.beta, simpo_gamma=lc.simpo_gamma, label_smoothing=lc.label_smoothing,
+                                    **head)
 
 
 @register_algorithm("cpo")
@@ -76,10 +92,11 @@ class CPO(_Paired):
     """CPO (Xu et al. 2024): reference-free preference loss (``loss.type``) + ``loss.cpo_alpha`` x NLL."""
 
     default_loss_type = "sigmoid"
+    loss_types = CPO_LOSS_TYPES
 
-    def make_loss(self):
+    def make_loss(self, **head):
         from fastpref.losses.fused_preference import FusedLinearCPOLoss
 
         lc = self.cfg.loss
         return FusedLinearCPOLoss(beta=lc.beta, loss_type=self.loss_type, label_smoothing=lc.label_smoothing,
-                                  cpo_alpha=lc.cpo_alpha, simpo_gamma=lc.simpo_gamma)
+                                  cpo_alpha=lc.cpo_alpha, simpo_gamma=lc.simpo_gamma, **head)

@@ -10,7 +10,7 @@ import torch
 
 from fastpref.data.collate import collate_single
 from fastpref.train.algorithms.base import Algorithm, register_algorithm
-from fastpref.train.modeling import decoder_hidden, lm_head
+from fastpref.train.modeling import decoder_hidden, lm_head, logit_transform
 
 
 @register_algorithm("sft")
@@ -26,5 +26,6 @@ class SFT(Algorithm):
 
         hidden = decoder_hidden(self.rt.model, batch)
         w, b = lm_head(self.rt.model)
-        loss = linear_cross_entropy(hidden, w, batch["targets"], bias=b, reduction="mean", check_targets=False)
+        loss = linear_cross_entropy(hidden, w, batch["targets"], bias=b, reduction="mean", check_targets=False,
+                                    **logit_transform(self.rt.model).kwargs())
         return loss, {"nll_loss": loss.detach(), "ppl": torch.exp(loss.detach())}

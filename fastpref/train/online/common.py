@@ -11,6 +11,7 @@ rollout, replay buffer, refreshed reference weights, sampler RNG), saved by the 
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
@@ -25,9 +26,10 @@ from fastpref.losses.preference import DPO_LOSS_TYPES, dpo_loss
 from fastpref.ops import linear_logprobs, segment_sum
 from fastpref.rewards import get_reward_fn, score_rewards
 from fastpref.train.algorithms.base import Algorithm
-from fastpref.train.modeling import lm_head
+from fastpref.train.modeling import lm_head, logit_transform
 from fastpref.train.rollout import GenerationConfig, PackedBatch, Rollout, generate, pack, policy_hidden, timed
 
+log = logging.getLogger("fastpref.train")
 
 @dataclass
 class OnlineConfig:
@@ -54,7 +56,7 @@ def token_logps(model, batch: PackedBatch, *, temperature: float = 1.0, entropy:
     h = policy_hidden(model, batch, pad_id) if hidden is None else hidden
     w, b = lm_head(model)
     return linear_logprobs(h, w, batch.targets, bias=b, temperature=temperature, return_entropy=entropy, impl=impl,
-                           check_targets=False)
+                           check_targets=False, **logit_transform(model).kwargs())
 
 
 def sequence_logps(model, batch: PackedBatch, **kw) -> torch.Tensor:
@@ -213,6 +215,7 @@ class OnlineAlgorithm(Algorithm):
         self._t_train = None
         self._buffer: list[dict] = []  # the micro-batches of the current rollout
         self._uses_left = 0  # trainer steps left on the buffered rollout
+        self._said_no_signal = False
 
     @property
     def sec(self):
@@ -287,6 +290,15 @@ class OnlineAlgorithm(Algorithm):
         n = max(1, min(n_micro, n_groups))
         per = -(-n_groups // n)
         return [list(range(g * group_size, min(n_groups, g + per) * group_size)) for g in range(0, n_groups, per)]
+
+    def no_signal(self, why: str) -> None:
+        """Mark this step as one with nothing to learn from (metric ``no_signal = 1``) and say so once per run
+        (a warning on the ``fastpref.train`` logger), instead of silently training on nothing."""
+        self.step_metrics["no_signal"] = 1.0
+        if not self._said_no_signal:
+            self._said_no_signal = True
+            log.warning("%s: %s, so the step trains on nothing (logged as no_signal=1 in metrics.jsonl; said once)",
+                        self.name, why)
 
     def _add_timings(self, t: dict) -> None:
         for k, v in t.items():
@@ -382,7 +394,8 @@ class PairDPOAlgorithm(OnlineAlgorithm):
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
         sec = self.sec
-        self.loss_fn = FusedLinearDPOLoss(beta=sec.beta, loss_type=sec.loss_type, rdpo_alpha=sec.length_alpha)
+        self.loss_fn = FusedLinearDPOLoss(beta=sec.beta, loss_type=sec.loss_type, rdpo_alpha=sec.length_alpha,
+                                          **logit_transform(rt.model).kwargs())
 
     def make_pairs(self, examples: list[dict]) -> list[Pair]:
         raise NotImplementedError
@@ -391,6 +404,7 @@ class PairDPOAlgorithm(OnlineAlgorithm):
         pairs = self.make_pairs(examples)
         self.step_metrics["pairs/count"] = float(len(pairs))
         if not pairs:
+            self.no_signal("no usable pair in this step (every group's completions scored the same)")
             self.begin_train_phase(0)
             return [micro_batch(None)]
         n = max(1, min(self.cfg.train.grad_accum, len(pairs)))

@@ -39,7 +39,7 @@ from fastpref.losses.advantages import group_advantages, overlong_penalty
 from fastpref.losses.fused_policy import FusedLinearPolicyLoss
 from fastpref.losses.policy import LOSS_TYPES, resolve_loss_config
 from fastpref.train.algorithms.base import register_algorithm
-from fastpref.train.modeling import lm_head
+from fastpref.train.modeling import lm_head, logit_transform
 from fastpref.train.online.common import (OnlineAlgorithm, OnlineConfig, metrics_float, micro_batch, token_logps,
                                           zero_loss)
 from fastpref.train.rollout import Rollout, pack_rollout, policy_hidden, timed
@@ -164,7 +164,8 @@ class GRPO(OnlineAlgorithm):
         self.loss_fn = FusedLinearPolicyLoss(
             sec.loss_type, eps_low=sec.epsilon_low, eps_high=sec.epsilon_high, beta=sec.beta,
             kl_estimator=sec.kl_estimator, delta=sec.delta, max_completion_length=sec.generation.max_new_tokens,
-            entropy_coef=sec.entropy_coef, temperature=sec.generation.temperature)
+            entropy_coef=sec.entropy_coef, temperature=sec.generation.temperature,
+            **logit_transform(rt.model).kwargs())
 
     def _remember(self, examples: list[dict]) -> None:
         self._pool.extend({"prompt_ids": ex["prompt_ids"], "row": ex.get("row", {}),
@@ -212,6 +213,7 @@ class GRPO(OnlineAlgorithm):
         ro, rewards, stats = self.collect(examples)
         if ro is None:  # every group had zero reward variance: nothing to learn from this step
             self.step_metrics.update(metrics_float({**stats, "skipped": 1.0}))
+            self.no_signal("every group had the same reward for all its completions, also after refills")
             return [micro_batch(None)]
         lengths = ro.lengths()
         if sec.overlong_cache_length is not None:
@@ -226,6 +228,8 @@ class GRPO(OnlineAlgorithm):
             "advantages/mean": adv.mean(), "advantages/std": adv.std(), "advantages/abs_max": adv.abs().max(),
             "completion/mean_length": lengths.float().mean(), "completion/max_length": lengths.max(),
             "completion/truncated_frac": torch.tensor(sum(ro.truncated) / len(ro.truncated))}))
+        if self.step_metrics["reward/zero_std_frac"] == 1.0:  # already a float: no extra sync
+            self.no_signal("every group had the same reward for all its completions (all advantages 0)")
         slices = self.group_slices(len(ro), G, self.cfg.train.grad_accum)
         n_micro = len(slices)
         total_tokens = float(lengths.sum())

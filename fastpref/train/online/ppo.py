@@ -47,7 +47,7 @@ from fastpref.ops import linear_logprobs
 from fastpref.rewards import RewardModelScorer
 from fastpref.train.algorithms.base import register_algorithm
 from fastpref.train.distributed import average_grads
-from fastpref.train.modeling import base_model, lm_head
+from fastpref.train.modeling import base_model, lm_head, logit_transform
 from fastpref.train.online.common import OnlineAlgorithm, OnlineConfig, metrics_float, micro_batch, token_logps
 from fastpref.train.rollout import PackedBatch, pack_rollout, policy_hidden, timed
 
@@ -212,6 +212,13 @@ class PPO(OnlineAlgorithm):
     config_class = PPOConfig
     needs_reference = True
 
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        if cfg.train.precision == "fp16-mixed" and cfg.sections["ppo"].critic == "separate":
+            raise ValueError("train.precision=fp16-mixed with ppo.critic=separate is not supported (the critic's "
+                             "optimizer steps outside the gradient scaler); use bf16-mixed or ppo.critic=shared")
+
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
         sec, model = self.sec, rt.model
@@ -242,7 +249,7 @@ class PPO(OnlineAlgorithm):
         h = policy_hidden(self.rt.model, batch, self.pad_id)
         w, b = lm_head(self.rt.model)
         out = linear_logprobs(h, w, batch.targets, bias=b, temperature=self.sec.generation.temperature,
-                              return_entropy=entropy, check_targets=False)
+                              return_entropy=entropy, check_targets=False, **logit_transform(self.rt.model).kwargs())
         logp, ent = out if entropy else (out, None)
         values = self.critic(batch) if self.critic is not None else self.value_head(h).squeeze(-1).float()
         return logp, ent, values
