@@ -10,7 +10,8 @@ import sys
 
 USAGE = """usage: fastpref {train,bench,info} ...
 
-  fastpref train [CONFIG.yaml] [key=value ...]   train (no config: the embedded tiny default)
+  fastpref train [CONFIG.yaml] [key=value ...]   train (no arguments: the embedded tiny demo; --demo key=value ...
+                                                 for the demo with overrides)
   fastpref bench [--quick] [--op OP] ...         microbenchmarks of every kernel vs the alternatives
   fastpref info                                  versions, device, and which implementation each op uses
 """

@@ -97,7 +97,7 @@ def test_dump_round_trips(tmp_path):
 def test_cli_help_print_config_and_errors(capsys, tmp_path):
     assert main(["--help"]) == 0
     assert "model.lora.enabled" in capsys.readouterr().out
-    assert main(["--print-config", "loss.beta=0.5"]) == 0
+    assert main(["--print-config", "--demo", "loss.beta=0.5"]) == 0
     out = capsys.readouterr().out
     assert "beta: 0.5" in out and "sft_warmup_steps: 60" in out
     assert main(["loss.bta=1"]) == 2

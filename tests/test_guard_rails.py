@@ -121,7 +121,7 @@ def _run(tmp_path, argv, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     if not any(a.startswith("output_dir=") for a in argv):
         argv.append(f"output_dir={out}")
-    rc = main(argv)
+    rc = main(argv if any(a.endswith(".yaml") for a in argv) else ["--demo", *argv])  # the demo + overrides
     cap = capsys.readouterr()
     return rc, cap.out, cap.err, out
 

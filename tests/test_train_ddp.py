@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["data.synthetic_rows=64", "train.batch_size=4", "train.sft_warmup_steps=1", "train.max_steps=3",
+ARGS = ["--demo", "data.synthetic_rows=64", "train.batch_size=4", "train.sft_warmup_steps=1", "train.max_steps=3",
         "train.eval_every=0", "train.log_every=1", "train.plots=false", "data.eval_fraction=0.1", "--quiet"]
 
 

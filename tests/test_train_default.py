@@ -10,7 +10,7 @@ from fastpref.train.cli import main
 
 def test_embedded_default_reaches_promised_accuracy(tmp_path, capsys):
     out = tmp_path / "default"
-    assert main([f"output_dir={out}", "--quiet"]) == 0
+    assert main(["--demo", f"output_dir={out}", "--quiet"]) == 0
     text = capsys.readouterr().out
     m = re.search(r"held-out preference accuracy: ([0-9.]+)", text)
     assert m, text[-2000:]

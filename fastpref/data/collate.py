@@ -9,7 +9,9 @@ Two layouts, told apart by the batch's keys:
   (sequence ``2i`` chosen, ``2i+1`` rejected), one bin per micro-batch so the example order is kept.
  ``targets[b, t]`` is the token predicted at
 position ``t`` (``input_ids[b, t+1]``) where that token belongs to the response, else ``ignore_index``; so prompt
-tokens, padding and the last position are never scored. Rows are right-padded.
+tokens, padding and the last position are never scored. Rows are right-padded. An SFT example may carry
+``loss_mask`` (0/1 over prompt + response, ``fastpref.data.dataset``: every assistant turn of a conversation);
+then exactly its 1-tokens are scored.
 """
 
 from __future__ import annotations
@@ -32,11 +34,25 @@ def split_pairs(values: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.
     return values[:p], values[p:]
 
 
-def pack_sequences(seqs: list[tuple[list[int], list[int]]], *, unit_size: int = 1, device=None) -> dict:
-    """``seqs`` (in order; pairs as chosen, rejected, chosen, ...) -> one packed row (see the module docstring)."""
+def _labels(seq: tuple, ignore_index: int = IGNORE_INDEX) -> list[int]:
+    """Labels of ``(prompt_ids, response_ids[, loss_mask])`` over prompt + response: the response tokens, or with a
+    ``loss_mask`` the tokens where it is 1; ``ignore_index`` elsewhere."""
+    p, r = seq[0], seq[1]
+    mask = seq[2] if len(seq) > 2 else None
+    if mask is None:
+        return [ignore_index] * len(p) + list(r)
+    ids = list(p) + list(r)
+    if len(mask) != len(ids):
+        raise ValueError(f"loss_mask has {len(mask)} entries for a sequence of {len(ids)} tokens")
+    return [t if m else ignore_index for t, m in zip(ids, mask)]
+
+
+def pack_sequences(seqs: list[tuple], *, unit_size: int = 1, device=None) -> dict:
+    """``seqs`` (in order; pairs as chosen, rejected, chosen, ...) -> one packed row (see the module docstring);
+    each item ``(prompt_ids, response_ids)`` or ``(prompt_ids, response_ids, loss_mask)``."""
     from fastpref.data.packing import pack_examples
 
-    ex = [{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r} for p, r in seqs]
+    ex = [{"input_ids": s[0] + s[1], "labels": _labels(s)} for s in seqs]
     (pb,) = pack_examples(ex, sum(len(e["input_ids"]) for e in ex), unit_size=unit_size)
     out = {"input_ids": pb.input_ids, "position_ids": pb.position_ids, "targets": pb.targets}
     out = {k: v.to(device) if device is not None else v for k, v in out.items()}
@@ -45,23 +61,23 @@ def pack_sequences(seqs: list[tuple[list[int], list[int]]], *, unit_size: int = 
     return out
 
 
-def pad_sequences(seqs: list[tuple[list[int], list[int]]], pad_id: int, *, device=None,
+def pad_sequences(seqs: list[tuple], pad_id: int, *, device=None,
                   ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
-    """``seqs`` = ``[(prompt_ids, response_ids), ...]`` -> ``input_ids``, ``attention_mask`` ``[B, T]`` and
-    shifted ``targets`` ``[B, T]`` (int64), right-padded to the longest row."""
+    """``seqs`` = ``[(prompt_ids, response_ids[, loss_mask]), ...]`` -> ``input_ids``, ``attention_mask``
+    ``[B, T]`` and shifted ``targets`` ``[B, T]`` (int64), right-padded to the longest row."""
     if not seqs:
         raise ValueError("pad_sequences: empty batch")
-    T = max(len(p) + len(r) for p, r in seqs)
+    T = max(len(s[0]) + len(s[1]) for s in seqs)
     B = len(seqs)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
     targets = torch.full((B, T), ignore_index, dtype=torch.long)
-    for b, (p, r) in enumerate(seqs):
-        n = len(p) + len(r)
-        ids[b, :n] = torch.tensor(p + r, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        n = len(s[0]) + len(s[1])
+        ids[b, :n] = torch.tensor(s[0] + s[1], dtype=torch.long)
         mask[b, :n] = 1
-        if r:
-            targets[b, len(p) - 1:n - 1] = torch.tensor(r, dtype=torch.long)
+        if n > 1:
+            targets[b, :n - 1] = torch.tensor(_labels(s, ignore_index)[1:], dtype=torch.long)
     return {k: v.to(device) if device is not None else v
             for k, v in {"input_ids": ids, "attention_mask": mask, "targets": targets}.items()}
 
@@ -82,9 +98,9 @@ def collate_preference(examples: list[dict], pad_id: int, device=None, pack: boo
 
 def collate_single(examples: list[dict], pad_id: int, key: str = "completion_ids", device=None,
                    pack: bool = False) -> dict:
-    """One sequence per example (SFT, KTO): ``prompt_ids + examples[key]``, padded or packed; ``labels`` [B]
-    bool when present."""
-    seqs = [(e["prompt_ids"], e.get(key) or e["chosen_ids"]) for e in examples]
+    """One sequence per example (SFT, KTO): ``prompt_ids + examples[key]``, padded or packed (scored: the response,
+    or the example's ``loss_mask``); ``labels`` [B] bool when present."""
+    seqs = [(e["prompt_ids"], e.get(key) or e["chosen_ids"], e.get("loss_mask")) for e in examples]
     batch = pack_sequences(seqs, device=device) if pack else pad_sequences(seqs, pad_id, device=device)
     if all("label" in e for e in examples):
         batch["labels"] = torch.tensor([bool(e["label"]) for e in examples], device=device)

@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import logging
 import math
 import os
 import re
@@ -27,6 +28,9 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+
+log = logging.getLogger("fastpref.config")
 
 
 class ConfigError(ValueError):
@@ -182,12 +186,14 @@ class DataConfig:
     eval_fraction: float = ranged(0.1, "[0, 1)")
     """Share of the training rows held out for evaluation when ``eval_files`` is empty (0 disables eval)."""
     format: str = one_of("auto", "preference", "sharegpt", "kto", "sft")
-    """Row format: ``auto`` (detect), ``preference`` (prompt/chosen/rejected), ``sharegpt`` (conversations +
-    chosen + rejected message dicts), ``kto`` (prompt or messages + completion + label), ``sft``
-    (instruction/input/output, prompt/completion or messages)."""
+    """Row format: ``auto`` (detected per row from its keys: every TRL dataset type, standard or conversational,
+    plus alpaca and sharegpt; docs/data.md), or insist on one: ``preference`` (prompt/chosen/rejected or
+    chosen/rejected), ``sharegpt`` (conversations [+ chosen + rejected]), ``kto`` (prompt + completion + label, or
+    messages + label), ``sft`` (text, messages, prompt/completion or instruction/input/output)."""
     chat_template: str = "auto"
-    """``auto`` (the tokenizer's chat template when it has one, else plain concatenation), ``none`` (plain
-    concatenation), or a Jinja template string."""
+    """How conversational rows are rendered (plain-string prompts never are, as in TRL): ``auto`` (the tokenizer's
+    chat template; a conversational row is an error when it has none), ``none`` (``role: content`` lines), or a
+    Jinja template string."""
     max_length: int = ranged(512, "> 0")
     """Longest prompt + response, in tokens."""
     max_prompt_length: int = ranged(256, "> 0")
@@ -486,26 +492,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _unknown(key: str, name: str, valid: list[str]) -> ConfigError:
-    """Error for an unknown ``key`` (last part ``name``), naming the closest valid key (and all of them when
-    none is close)."""
-    best = difflib.get_close_matches(name, valid, n=1, cutoff=0.0)
-    hint = f"; did you mean {key[:len(key) - len(name)] + best[0]!r}?" if best else ""
-    if not best or difflib.SequenceMatcher(None, name, best[0]).ratio() < 0.5:
+def _unknown(key: str, name: str, valid: list[str], cfg: Config | None = None) -> ConfigError:
+    """Error for an unknown ``key`` (last part ``name``; ``valid``: the keys at its level), naming the key it most
+    likely meant (:func:`_suggest`: a TRL name's fastpref key, the same name in another section, a close one) and,
+    when none is close, every valid key at that level."""
+    best, sure = _suggest(key, name, valid, cfg)
+    hint = f"; did you mean {best!r}?" if best else ""
+    if not best or sure < 0.5:
         hint += f" (valid keys: {', '.join(sorted(valid))})"
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
-def _apply_mapping(obj: Any, mapping: dict, prefix: str) -> None:
+def _apply_mapping(obj: Any, mapping: dict, prefix: str, cfg: Config | None = None) -> None:
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj) if f.name != "sections"]
     for k, v in mapping.items():
         k = str(k)
         if k not in names:
-            raise _unknown(prefix + k, k, names)
+            raise _unknown(prefix + k, k, names, cfg)
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur) and isinstance(v, dict):
-            _apply_mapping(cur, v, f"{prefix}{k}.")
+            _apply_mapping(cur, v, f"{prefix}{k}.", cfg)
         else:
             setattr(obj, k, _coerce(v, hints[k], prefix + k))
 
@@ -514,7 +521,7 @@ def _set_dotted(cfg: Config, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     top = _top_fields()
     if parts[0] not in top:
-        raise _unknown(dotted if len(parts) == 1 else parts[0], parts[0], list(top))
+        raise _unknown(dotted if len(parts) == 1 else parts[0], parts[0], list(top), cfg)
     obj: Any = cfg.sections[parts[0]] if parts[0] in cfg.sections else cfg
     rest = parts[1:] if parts[0] in cfg.sections else parts
     if not rest:
@@ -522,23 +529,336 @@ def _set_dotted(cfg: Config, dotted: str, value: Any) -> None:
     for i, p in enumerate(rest[:-1]):
         names = [f.name for f in dataclasses.fields(obj)]
         if p not in names:
-            raise _unknown(".".join(parts[:len(parts) - len(rest) + i + 1]), p, names)
+            raise _unknown(".".join(parts[:len(parts) - len(rest) + i + 1]), p, names, cfg)
         obj = getattr(obj, p)
         if not dataclasses.is_dataclass(obj):
             raise ConfigError(f"{dotted}: {p!r} is not a section")
-    _apply_mapping(obj, {rest[-1]: value}, dotted[: len(dotted) - len(rest[-1])])
+    _apply_mapping(obj, {rest[-1]: value}, dotted[: len(dotted) - len(rest[-1])], cfg)
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None, *, base: Config | None = None) -> Config:
+# ------------------------------------------------------------------------------------------------ TRL key names
+
+def _keep(v: Any, cfg: Config) -> Any:
+    return v
+
+
+def _max_steps(v: Any, cfg: Config) -> Any:
+    return 0 if v == -1 or v is None else v  # TRL: -1 = train num_train_epochs
+
+
+def _grad_norm(v: Any, cfg: Config) -> Any:
+    return None if v in (0, None) else v  # transformers clips only when max_grad_norm > 0
+
+
+def _schedule(v: Any, cfg: Config) -> Any:
+    m = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
+    if v not in m:
+        raise ConfigError(f"TRL key 'lr_scheduler_type'={v!r} has no fastpref equivalent (optim.schedule: cosine, "
+                          "linear, constant, each after optim.warmup_steps)")
+    return m[v]
+
+
+def _precision(mode: str):
+    def conv(v: Any, cfg: Config) -> Any:
+        if not isinstance(v, bool):
+            raise ConfigError(f"TRL key {mode[:4]!r}: expected true or false, got {v!r}")
+        return mode if v else _SKIP
+
+    return conv
+
+
+def _resume(v: Any, cfg: Config) -> Any:
+    return "auto" if v is True else "none" if v in (False, None) else v
+
+
+def _beta(i: int):
+    def conv(v: Any, cfg: Config) -> Any:
+        betas = list(cfg.optim.betas)
+        betas[i] = v
+        return betas
+
+    return conv
+
+
+def _precompute(v: Any, cfg: Config) -> Any:
+    return "precompute" if v is True else _SKIP
+
+
+def _scale_rewards(v: Any, cfg: Config) -> Any:
+    return "group" if v is True else "none" if v is False else v
+
+
+_SKIP = object()
+"""A converter's answer for a TRL value that changes nothing (``bf16=false``)."""
+
+_ON = "{algo}."
+"""Prefix of a key inside the chosen algorithm's own section (on-line algorithms)."""
+
+TRL_KEYS: dict[str, tuple[str | None, str | None, Callable]] = {
+    # TRL / transformers name: (fastpref key for off-line algorithms, for an algorithm with a section, converter)
+    "learning_rate": ("optim.lr", "optim.lr", _keep),
+    "per_device_train_batch_size": ("train.batch_size", "train.batch_size", _keep),
+    "gradient_accumulation_steps": ("train.grad_accum", "train.grad_accum", _keep),
+    "max_length": ("data.max_length", "data.max_length", _keep),
+    "max_prompt_length": ("data.max_prompt_length", "data.max_prompt_length", _keep),
+    "num_train_epochs": ("train.epochs", "train.epochs", _keep),
+    "max_steps": ("train.max_steps", "train.max_steps", _max_steps),
+    "warmup_steps": ("optim.warmup_steps", "optim.warmup_steps", _keep),
+    "warmup_ratio": ("optim.warmup_steps", "optim.warmup_steps", _keep),
+    "weight_decay": ("optim.weight_decay", "optim.weight_decay", _keep),
+    "max_grad_norm": ("optim.max_grad_norm", "optim.max_grad_norm", _grad_norm),
+    "adam_beta1": ("optim.betas", "optim.betas", _beta(0)),
+    "adam_beta2": ("optim.betas", "optim.betas", _beta(1)),
+    "adam_epsilon": ("optim.eps", "optim.eps", _keep),
+    "lr_scheduler_type": ("optim.schedule", "optim.schedule", _schedule),
+    "seed": ("train.seed", "train.seed", _keep),
+    "logging_steps": ("train.log_every", "train.log_every", _keep),
+    "save_steps": ("train.save_every", "train.save_every", _keep),
+    "save_total_limit": ("train.keep_checkpoints", "train.keep_checkpoints", _keep),
+    "eval_steps": ("train.eval_every", "train.eval_every", _keep),
+    "bf16": ("train.precision", "train.precision", _precision("bf16-mixed")),
+    "fp16": ("train.precision", "train.precision", _precision("fp16-mixed")),
+    "gradient_checkpointing": ("model.gradient_checkpointing", "model.gradient_checkpointing", _keep),
+    "model_name_or_path": ("model.name_or_path", "model.name_or_path", _keep),
+    "dataset_name": ("data.train_files", "data.train_files", _keep),
+    "resume_from_checkpoint": ("resume", "resume", _resume),
+    "deepspeed": ("train.deepspeed", "train.deepspeed", _keep),
+    "report_to": ("train.report_to", "train.report_to", _keep),
+    "use_liger_kernel": ("model.liger", "model.liger", _keep),
+    "packing": ("data.pack", "data.pack", _keep),
+    "padding_free": ("data.pack", "data.pack", _keep),
+    "use_peft": ("model.lora.enabled", "model.lora.enabled", _keep),
+    "lora_r": ("model.lora.r", "model.lora.r", _keep),
+    "lora_alpha": ("model.lora.alpha", "model.lora.alpha", _keep),
+    "lora_dropout": ("model.lora.dropout", "model.lora.dropout", _keep),
+    "lora_target_modules": ("model.lora.target_modules", "model.lora.target_modules", _keep),
+    "precompute_ref_log_probs": ("reference.mode", None, _precompute),
+    "beta": ("loss.beta", _ON + "beta", _keep),
+    "loss_type": ("loss.type", _ON + "loss_type", _keep),
+    "label_smoothing": ("loss.label_smoothing", None, _keep),
+    "simpo_gamma": ("loss.simpo_gamma", None, _keep),
+    "cpo_alpha": ("loss.cpo_alpha", None, _keep),
+    "desirable_weight": ("loss.desirable_weight", None, _keep),
+    "undesirable_weight": ("loss.undesirable_weight", None, _keep),
+    "center_rewards_coefficient": ("loss.center_rewards_coefficient", None, _keep),
+    "num_generations": (None, _ON + "generation.num_generations", _keep),
+    "max_completion_length": (None, _ON + "generation.max_new_tokens", _keep),
+    "temperature": (None, _ON + "generation.temperature", _keep),
+    "top_p": (None, _ON + "generation.top_p", _keep),
+    "top_k": (None, _ON + "generation.top_k", _keep),
+    "num_iterations": (None, _ON + "num_iterations", _keep),
+    "epsilon": (None, _ON + "epsilon_low", _keep),
+    "epsilon_high": (None, _ON + "epsilon_high", _keep),
+    "delta": (None, _ON + "delta", _keep),
+    "scale_rewards": (None, _ON + "scale_rewards", _scale_rewards),
+    "kl_coef": (None, _ON + "kl_coef", _keep),
+    "cliprange": (None, _ON + "cliprange", _keep),
+    "cliprange_value": (None, _ON + "cliprange_value", _keep),
+    "vf_coef": (None, _ON + "vf_coef", _keep),
+    "gamma": (None, _ON + "gamma", _keep),
+    "lam": (None, _ON + "lam", _keep),
+    "num_ppo_epochs": (None, _ON + "num_ppo_epochs", _keep),
+    "whiten_rewards": (None, _ON + "whiten_rewards", _keep),
+    "missing_eos_penalty": (None, _ON + "missing_eos_penalty", _keep),
+}
+"""TRL's (and ``transformers.TrainingArguments``') names of common keys, accepted at the top level of a YAML file
+and as ``key=value`` overrides, and the fastpref key each sets (``{algo}.``: inside the chosen algorithm's own
+section, for algorithms that have one). The value is converted where the meaning differs (``max_steps=-1``: run
+``num_train_epochs``; ``bf16=true``: ``train.precision=bf16-mixed``; ``max_grad_norm=0``: no clipping; a
+``warmup_steps`` below 1 or ``warmup_ratio``: a share of the steps, see :func:`_apply_trl_deferred`). ``None``: no
+equivalent for that kind of algorithm (one line says so)."""
+
+TRL_UNSUPPORTED: dict[str, str] = {
+    "per_device_eval_batch_size": "evaluation runs micro-batches of train.batch_size",
+    "eval_strategy": "evaluation runs every train.eval_every steps and at the end",
+    "save_strategy": "checkpoints are written every train.save_every steps and final/ at the end",
+    "logging_strategy": "metrics are written every train.log_every steps",
+    "logging_dir": "metrics and TensorBoard events go to output_dir",
+    "push_to_hub": "fastpref does not upload models",
+    "hub_model_id": "fastpref does not upload models",
+    "dataloader_num_workers": "rows are tokenised once before training",
+    "dataset_num_proc": "rows are tokenised once before training",
+    "dataset_text_field": "fastpref reads the 'text' or 'messages' field (docs/data.md)",
+    "assistant_only_loss": "always on: SFT on a conversation trains its assistant turns only",
+    "completion_only_loss": "always on: prompt tokens are never trained",
+    "truncation_mode": "data.truncation=truncate keeps the end of the prompt and the start of the response",
+    "model_init_kwargs": "set model.* keys",
+    "ref_model_init_kwargs": "the reference is a copy of the policy or its LoRA base (reference.mode)",
+    "lr_scheduler_kwargs": "set optim.schedule and optim.min_lr_ratio",
+    "gradient_checkpointing_kwargs": "set model.gradient_checkpointing",
+    "optim": "fastpref trains with AdamW (optim.* keys)",
+}
+"""TRL keys with no fastpref equivalent, and what fastpref does instead."""
+
+_TRL_NONE_WHY = {
+    "num_generations": "off-line algorithms generate nothing; on-line ones read <algorithm>.generation.num_generations, "
+                       "e.g. grpo.generation.num_generations",
+    "max_completion_length": "off-line algorithms limit prompt + response with data.max_length; on-line ones read "
+                             "<algorithm>.generation.max_new_tokens",
+    "temperature": "off-line algorithms do not sample; on-line ones read <algorithm>.generation.temperature",
+}
+
+
+def _key_exists(cfg: Config, dotted: str) -> bool:
+    obj: Any = cfg
+    parts = dotted.split(".")
+    if parts[0] in cfg.sections:
+        obj, parts = cfg.sections[parts[0]], parts[1:]
+    for p in parts:
+        if not dataclasses.is_dataclass(obj) or p not in {f.name for f in dataclasses.fields(obj)}:
+            return False
+        obj = getattr(obj, p)
+    return True
+
+
+def trl_target(name: str, cfg: Config, algorithm: str) -> tuple[str | None, str]:
+    """``(fastpref key, "")`` for the TRL key ``name`` under ``algorithm``, or ``(None, why)`` when it has no
+    equivalent (``why`` is the one-line message); ``name`` must be in :data:`TRL_KEYS` or :data:`TRL_UNSUPPORTED`."""
+    if name in TRL_UNSUPPORTED:
+        return None, f"TRL key {name!r} has no fastpref equivalent: {TRL_UNSUPPORTED[name]}"
+    offline, online, _ = TRL_KEYS[name]
+    has_section = algorithm in cfg.sections
+    key = (online if has_section else offline) or None
+    key = key.replace("{algo}", algorithm) if key else None
+    if key and _key_exists(cfg, key):
+        return key, ""
+    if name == "report_to":
+        return None, ("TRL key 'report_to' is not supported yet: fastpref writes metrics.jsonl and TensorBoard "
+                      "events to output_dir")
+    why = _TRL_NONE_WHY.get(name) if not has_section else None
+    return None, (f"TRL key {name!r} has no fastpref equivalent for algorithm={algorithm}"
+                  + (f" ({why})" if why else ""))
+
+
+def is_trl_key(name: str, value: Any = None) -> bool:
+    """Whether the top-level ``name`` is read as a TRL key (:data:`TRL_KEYS`, :data:`TRL_UNSUPPORTED`): none of
+    them is a fastpref key, except ``optim``, which is TRL's only when given a plain value (``optim=adamw_torch``)."""
+    if name in TRL_KEYS:
+        return True
+    return name in TRL_UNSUPPORTED and not (name in _top_fields() and isinstance(value, dict))
+
+
+def _apply_trl(cfg: Config, name: str, value: Any, algorithm: str, state: dict) -> None:
+    """Set the fastpref key of the TRL key ``name`` (see :data:`TRL_KEYS`), noting the mapping once in
+    ``state["notes"]`` and the key in ``state["set"]``; a warm-up ratio and ``num_train_epochs`` are finished by
+    :func:`_apply_trl_deferred`."""
+    notes = state["notes"]
+    if name == "report_to" and value in ("none", None, [], ["none"]) and not _key_exists(cfg, "train.report_to"):
+        notes.setdefault(name, "TRL key 'report_to'='none': nothing to turn off (fastpref writes metrics.jsonl and "
+                               "TensorBoard events)")
+        return
+    key, why = trl_target(name, cfg, algorithm)
+    if key is None:
+        raise ConfigError(why)
+    if name == "warmup_ratio" or (name == "warmup_steps" and isinstance(value, float) and 0 < value < 1):
+        state["warmup_ratio"] = (name, _coerce(value, float, name))  # a share of the steps: set at the end
+        notes.setdefault(name, f"TRL key {name!r} -> {key} (a share of the steps after the SFT warm-up)")
+        return
+    if name == "num_train_epochs":
+        state["epochs"] = True
+    v = TRL_KEYS[name][2](value, cfg)
+    if v is _SKIP:
+        notes.setdefault(name, f"TRL key {name!r}={value!r}: nothing to change")
+        return
+    _set_dotted(cfg, key, v)
+    state["set"].add(key)
+    shown = f"{key}[{int(name[-1]) - 1}]" if name.startswith("adam_beta") else key
+    notes.setdefault(name, f"TRL key {name!r} -> {shown}" + (f"={v}" if v != value and not isinstance(v, list)
+                                                              else ""))
+
+
+def _apply_trl_deferred(cfg: Config, state: dict) -> None:
+    """What needs every key applied first: ``num_train_epochs`` without a step count sets ``train.max_steps=0``
+    (TRL trains ``num_train_epochs`` when ``max_steps`` is not set); a warm-up ratio (``warmup_ratio``, or a
+    ``warmup_steps`` below 1 as transformers 5 reads it) becomes ``optim.warmup_steps = ceil(ratio *
+    (train.max_steps - train.sft_warmup_steps))`` (transformers' ``get_warmup_steps``), which needs a fixed
+    ``train.max_steps``."""
+    notes = state["notes"]
+    if state.get("epochs") and "train.max_steps" not in state["set"]:
+        cfg.train.max_steps = 0
+        notes["num_train_epochs"] += " (and train.max_steps=0: TRL trains num_train_epochs epochs when max_steps " \
+                                     "is not set)"
+    if "warmup_ratio" in state:
+        name, ratio = state["warmup_ratio"]
+        if "optim.warmup_steps" in state["set"]:
+            raise ConfigError(f"TRL key {name!r} and a warm-up in steps (optim.warmup_steps) are both given: keep "
+                              "one")
+        if not 0 <= ratio <= 1:
+            raise ConfigError(f"TRL key {name!r}={ratio}: expected a value in [0, 1]")
+        if not cfg.train.max_steps:
+            raise ConfigError(f"TRL key {name!r}={ratio}: a share of the steps needs train.max_steps > 0 (with "
+                              "train.max_steps=0 the step count depends on the data); give warmup_steps instead")
+        steps = math.ceil(ratio * max(0, cfg.train.max_steps - cfg.train.sft_warmup_steps))
+        cfg.optim.warmup_steps = steps
+        notes[name] += f" = {steps}"
+
+
+def _leaf_keys(cfg: Config) -> list[str]:
+    """Every dotted key of ``cfg`` that holds a value (sections included)."""
+    out: list[str] = []
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in ("sections",):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out.append(prefix + k)
+
+    walk(config_to_dict(cfg), "")
+    return out
+
+
+def _suggest(key: str, name: str, valid: list[str], cfg: Config | None) -> tuple[str | None, float]:
+    """The key an unknown ``key`` (last part ``name``; ``valid``: its siblings) most likely meant, and how sure:
+    a TRL name's fastpref key, the same name elsewhere (the algorithm's section first, then grpo's, then the
+    same section), a close sibling, a close name elsewhere, else the closest sibling."""
+    prefix = key[:len(key) - len(name)]
+    algo = cfg.algorithm if cfg is not None else ""
+    if cfg is not None and name in TRL_KEYS:
+        target, _ = trl_target(name, cfg, algo)
+        if target:
+            return target, 1.0
+    keys = _leaf_keys(cfg if cfg is not None else Config())
+
+    def rank(k: str) -> tuple:
+        return (not k.startswith(algo + "."), not k.startswith(prefix) if prefix else True,
+                not k.startswith("grpo."), k)
+
+    same = sorted((k for k in keys if k.rsplit(".", 1)[-1] == name), key=rank)
+    if same:
+        return same[0], 1.0
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    if close:
+        return prefix + close[0], difflib.SequenceMatcher(None, name, close[0]).ratio()
+    leaves = sorted({k.rsplit(".", 1)[-1] for k in keys} | set(TRL_KEYS))
+    far = difflib.get_close_matches(name, leaves, n=1, cutoff=0.8)
+    if far:
+        if far[0] in TRL_KEYS and cfg is not None:
+            target, _ = trl_target(far[0], cfg, algo)
+            if target:
+                return target, 0.8
+        hits = sorted((k for k in keys if k.rsplit(".", 1)[-1] == far[0]), key=rank)
+        if hits:
+            return hits[0], 0.8
+    best = difflib.get_close_matches(name, valid, n=1, cutoff=0.0)
+    return (prefix + best[0], difflib.SequenceMatcher(None, name, best[0]).ratio()) if best else (None, 0.0)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, *, base: Config | None = None,
+                notes: list[str] | None = None) -> Config:
     """Build a :class:`Config`: defaults (or ``base``), then the YAML file ``path``, then ``key=value`` overrides.
 
-    Raises :class:`ConfigError` naming the offending key (and the closest valid one), or the file.
+    TRL's names of common keys (:data:`TRL_KEYS`, e.g. ``learning_rate``) are accepted at the top level of both
+    and set the fastpref key, resolved for the final ``algorithm`` (``beta`` is ``loss.beta`` for dpo,
+    ``grpo.beta`` for grpo); each mapping is logged once (``fastpref.config``, INFO) and appended to ``notes``.
+    Raises :class:`ConfigError` naming the offending key (and the one it likely meant), or the file.
     """
     import copy
 
     import yaml
 
     cfg = copy.deepcopy(base) if base is not None else Config()
+    items: list[tuple[str, Any]] = []  # (dotted key or TRL name, value), YAML first, in order
     if path is not None:
         try:
             with open(path, encoding="utf-8") as fh:
@@ -554,11 +874,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, *, 
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         for k, v in data.items():
-            if isinstance(v, dict):
-                for sub_k, sub_v in _flatten(v, str(k)):
-                    _set_dotted(cfg, sub_k, sub_v)
+            if isinstance(v, dict) and not is_trl_key(str(k), v):
+                items.extend(_flatten(v, str(k)))
             else:
-                _set_dotted(cfg, str(k), v)
+                items.append((str(k), v))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. loss.beta=0.2)")
@@ -567,7 +886,24 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, *, 
             v = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             v = raw
-        _set_dotted(cfg, k.strip(), v)
+        items.append((k.strip(), v))
+    for k, v in items:  # first: TRL names resolve against the final algorithm
+        if k == "algorithm":
+            _set_dotted(cfg, k, v)
+    state: dict = {"notes": {}, "set": set()}
+    for k, v in items:
+        if k == "algorithm":
+            continue
+        if is_trl_key(k, v):
+            _apply_trl(cfg, k, v, cfg.algorithm, state)
+        else:
+            _set_dotted(cfg, k, v)
+            state["set"].add(k)
+    _apply_trl_deferred(cfg, state)
+    for note in state["notes"].values():
+        log.info(note)
+        if notes is not None:
+            notes.append(note)
     validate_config(cfg)
     return cfg
 
