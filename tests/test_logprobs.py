@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpref.ops import fused_linear_chunked_loss, linear_cross_entropy, linear_logprobs, plan_chunks, segment_sum
-from fastpref.testing import assert_close_to_ref
+from fastpref.testing import assert_close_to_ref, reference_logits
 
 IGN = -100
 
@@ -32,11 +32,11 @@ def _problem(N, H, V, *, bias, seed=0, ignore_every=4, scale=1.0):
     return h, w, b, t, up_logp, up_ent
 
 
-def _reference(h, w, b, t, T, up_logp, up_ent, entropy):
-    """fp64 full logits; returns values and gradients of sum(up_logp * logp + up_ent * entropy)."""
+def _reference(h, w, b, t, T, up_logp, up_ent, entropy, head=None):
+    """fp64 full logits (``head``: softcap / logit_scale); values and gradients of sum(up_logp logp + up_ent H)."""
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
     b = b.clone().requires_grad_() if b is not None else None
-    z = (h @ w.T + (b if b is not None else 0)) / T
+    z = reference_logits(h @ w.T + (b if b is not None else 0), T, **(head or {}))
     lp = torch.log_softmax(z, -1)
     valid = t != IGN
     logp = torch.where(valid, lp.gather(1, t.clamp(min=0)[:, None])[:, 0], 0.0)
@@ -187,8 +187,8 @@ def test_errors_name_the_argument():
     t = torch.tensor([1, 2, 3, IGN])
     with pytest.raises(ValueError, match="hidden's last dim"):
         linear_logprobs(torch.randn(4, 7), w, t)
-    with pytest.raises(ValueError, match="weight dtype"):
-        linear_logprobs(h, w.double(), t)
+    with pytest.raises(ValueError, match="weight must be float32, bfloat16, float16 or float64, got torch.int32"):
+        linear_logprobs(h, w.int(), t)  # mixed float dtypes are fine (tests/test_mixed_dtype.py)
     with pytest.raises(ValueError, match="targets shape"):
         linear_logprobs(h, w, t[:3])
     with pytest.raises(ValueError, match="targets must be an int64"):

@@ -13,6 +13,10 @@ backward, deterministic GQA gradients); ``impl="torch"`` runs one ``scaled_dot_p
 sequence (it reads ``cu_seqlens`` on the host: a device sync, fine for a reference, not for a hot path).
 Shared-prefix attention (a segment additionally attending to its parent prompt) goes through the same
 function with a ``fastpref.attention.prefix.PrefixLayout``; see that module.
+
+Mixed dtypes (``fastpref._amp``): inside ``torch.autocast`` q, k, v are cast to autocast's dtype, as
+``scaled_dot_product_attention`` does there; outside autocast to their promoted dtype. The output is in that
+compute dtype, and the gradients come back in the dtypes of q, k and v.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastpref import _amp
 from fastpref._impl import resolve_impl
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -90,8 +95,6 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale, op):
                          f"got {tuple(k.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{op}: q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
             or cu_seqlens.numel() < 1:
         raise ValueError(f"{op}: cu_seqlens must be an int32 tensor [num_seqs + 1], got "
@@ -111,12 +114,15 @@ def _attention(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, impl, 
     _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale, op)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     which = resolve_impl(impl, q.device, op=op)
-    if which == "triton" and q.dtype == torch.float64:
+    dtype = _amp.compute_dtype(q, k, v)
+    if which == "triton" and dtype == torch.float64:
         raise ValueError(f"{op}: impl='triton' supports float16/bfloat16/float32, got float64 (use impl='torch')")
-    if which == "torch":
-        pr = parent_ranges() if callable(parent_ranges) else parent_ranges
-        return _torch_attention(q, k, v, cu_seqlens, causal, scale, pr)
-    return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, causal, scale, ranges)
+    q, k, v = _amp.cast(dtype, q, k, v)  # differentiable: gradients return in each input's dtype
+    with _amp.no_autocast(q.device):
+        if which == "torch":
+            pr = parent_ranges() if callable(parent_ranges) else parent_ranges
+            return _torch_attention(q, k, v, cu_seqlens, causal, scale, pr)
+        return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, causal, scale, ranges)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
@@ -124,9 +130,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """Attention of each packed sequence to itself: ``q [total, Hq, D]``, ``k``/``v`` ``[total, Hkv, D]``,
     ``cu_seqlens`` int32 ``[S + 1]`` on q's device, ``max_seqlen`` a Python int >= the longest sequence.
 
-    Returns ``[total, Hq, D]`` in q's dtype; differentiable w.r.t. q, k, v. ``softmax_scale`` defaults to
-    ``1/sqrt(D)``. Same contract as flash-attn's ``flash_attn_varlen_func`` with equal q/k boundaries.
-    Tokens past ``cu_seqlens[-1]`` get a zero output.
+    Returns ``[total, Hq, D]`` in the compute dtype (q's dtype when q, k, v share it; autocast's dtype inside
+    ``torch.autocast``; else the promoted dtype -- module docstring); differentiable w.r.t. q, k, v, gradients in
+    their own dtypes. ``softmax_scale`` defaults to ``1/sqrt(D)``. Same contract as flash-attn's
+    ``flash_attn_varlen_func`` with equal q/k boundaries. Tokens past ``cu_seqlens[-1]`` get a zero output.
     """
     return _attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale, impl=impl,
                       op="varlen_attention")

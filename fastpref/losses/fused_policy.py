@@ -27,6 +27,7 @@ import torch
 
 from fastpref.losses.policy import (_per_token, finalize_metrics, per_token_policy_loss, resolve_loss_config,
                                     token_weights)
+from fastpref.ops._chunks import logit_map
 from fastpref.ops.fused import fused_linear_chunked_loss, plan_chunks, segment_ids
 from fastpref.ops.logprobs import linear_logprobs
 
@@ -35,8 +36,10 @@ class FusedLinearPolicyLoss(torch.nn.Module):
     """GRPO / BNPO / Dr. GRPO / DAPO / GSPO / GSPO-token / PPO policy loss from hidden states (see ``policy_loss``).
 
     Args (constructor): the loss configuration of ``fastpref.losses.policy_loss`` (``loss_type`` defaults to
-        ``"dapo"``, TRL 1.16's default), plus ``temperature`` (logits are divided by it; old/ref log-probs must be
-        computed at the same temperature), ``ignore_index``, ``chunk_size`` (tokens per chunk; default from the
+        ``"dapo"``, TRL 1.16's default), plus ``temperature`` (the final logits are divided by it; old/ref
+        log-probs must be computed at the same temperature), ``softcap`` and ``logit_scale`` (the model's
+        final-logit transform, applied before the temperature as in ``fastpref.ops.linear_logprobs``; Liger's
+        ``softcap`` is the naming precedent), ``ignore_index``, ``chunk_size`` (tokens per chunk; default from the
         vocabulary size), ``two_pass`` (chunks may split sequences, at the cost of a log-prob-only first pass;
         see the module docstring) and ``impl`` (``auto``: Triton on CUDA).
     """
@@ -44,15 +47,15 @@ class FusedLinearPolicyLoss(torch.nn.Module):
     def __init__(self, loss_type: str = "dapo", *, eps_low: float | None = None, eps_high: float | None = None,
                  importance_sampling_level: str | None = None, beta: float = 0.0, kl_estimator: str = "k3",
                  delta: float | None = None, max_completion_length: int | None = None, entropy_coef: float = 0.0,
-                 temperature: float = 1.0, ignore_index: int = -100, chunk_size: int | None = None,
-                 two_pass: bool = False, impl: str = "auto"):
+                 temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+                 ignore_index: int = -100, chunk_size: int | None = None, two_pass: bool = False, impl: str = "auto"):
         super().__init__()
         self.eps_low, self.eps_high, self.level = resolve_loss_config(loss_type, eps_low, eps_high,
                                                                       importance_sampling_level)
         if delta is not None and not delta > 1.0 + self.eps_high:
             raise ValueError(f"FusedLinearPolicyLoss: delta must be > 1 + eps_high = {1 + self.eps_high}, got {delta}")
-        if not temperature > 0:
-            raise ValueError(f"FusedLinearPolicyLoss: temperature must be > 0, got {temperature}")
+        logit_map("FusedLinearPolicyLoss", temperature, softcap, logit_scale)  # validates
+        self.softcap, self.logit_scale = softcap, float(logit_scale)
         self.loss_type, self.beta, self.kl_estimator, self.delta = loss_type, float(beta), kl_estimator, delta
         self.max_completion_length, self.entropy_coef = max_completion_length, float(entropy_coef)
         self.temperature, self.ignore_index, self.chunk_size, self.impl = temperature, ignore_index, chunk_size, impl
@@ -135,17 +138,19 @@ class FusedLinearPolicyLoss(torch.nn.Module):
                 entropy=ent, entropy_weights=None if ent_w is None else ent_w[sl], **kw)
 
         loss, aux = fused_linear_chunked_loss(h, weight, tgt, chunk_loss, bounds, bias=bias,
-                                              temperature=self.temperature, ignore_index=self.ignore_index,
-                                              need_entropy=need_entropy, impl=self.impl)
+                                              ignore_index=self.ignore_index, need_entropy=need_entropy,
+                                              impl=self.impl, **self._head())
         sums = {k: torch.stack([a[k] for a in aux]).sum() for k in aux[0]}
         return loss, finalize_metrics(sums)
+
+    def _head(self) -> dict:
+        return dict(temperature=self.temperature, softcap=self.softcap, logit_scale=self.logit_scale)
 
     def _two_pass(self, h, weight, bias, tgt, need_entropy, adv, w, m, ids, S, old, ref, ent_w, kw):
         """Pass 1: all log-probs without grad, then the loss and ``g_t`` on ``[N]``; pass 2: the surrogate."""
         with torch.no_grad():
-            out = linear_logprobs(h, weight, tgt, bias=bias, temperature=self.temperature,
-                                  ignore_index=self.ignore_index, return_entropy=need_entropy, impl=self.impl,
-                                  check_targets=False)
+            out = linear_logprobs(h, weight, tgt, bias=bias, ignore_index=self.ignore_index,
+                                  return_entropy=need_entropy, impl=self.impl, check_targets=False, **self._head())
         logp, ent = out if need_entropy else (out, None)
         logp = logp.requires_grad_()
         ent = ent.requires_grad_() if ent is not None else None
@@ -164,7 +169,7 @@ class FusedLinearPolicyLoss(torch.nn.Module):
                 val = val + (ge[s:e] * ent_c).sum()
             return val, {}
 
-        surr, _ = fused_linear_chunked_loss(h, weight, tgt, surrogate, bounds, bias=bias, temperature=self.temperature,
+        surr, _ = fused_linear_chunked_loss(h, weight, tgt, surrogate, bounds, bias=bias,
                                             ignore_index=self.ignore_index, need_entropy=ge is not None,
-                                            impl=self.impl)
+                                            impl=self.impl, **self._head())
         return full.detach() + (surr - surr.detach()), finalize_metrics(sums)

@@ -36,6 +36,7 @@ import torch
 from fastpref.losses.preference import (BATCH_COUPLED_DPO_LOSS_TYPES, CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES,
                                         cpo_loss, dpo_loss, kto_loss, orpo_loss)
 from fastpref.ops import default_chunk_rows, fused_linear_chunked_loss, linear_logprobs, plan_chunks, segment_sum
+from fastpref.ops._chunks import logit_map
 
 Tensor = torch.Tensor
 
@@ -63,7 +64,11 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 
     Args:
         ignore_index: target value of unscored positions.
-        temperature: logits are divided by it (policy and reference alike).
+        temperature: the final logits are divided by it (policy and reference alike).
+        softcap, logit_scale: the model's final-logit transform, policy and reference alike (see
+            ``fastpref.ops.linear_logprobs``: ``(hW^T + b) * logit_scale``, then ``softcap * tanh(. / softcap)``,
+            then ``/ temperature``; Liger's ``softcap`` is the naming precedent). Mixed dtypes (bf16 hidden, fp32
+            weight) follow autocast as in ``linear_logprobs``; gradients come back in each input's dtype.
         impl: ``"auto"`` | ``"triton"`` | ``"torch"`` for the chunk kernels.
         chunk_size: tokens per chunk (rounded to whole pairs); default from the vocabulary size.
         reduction: ``"mean"`` over pairs/examples or ``"sum"``.
@@ -81,15 +86,15 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     paired = True
     needs_ref = True
 
-    def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, impl: str = "auto",
-                 chunk_size: int | None = None, reduction: str = "mean", validate: bool = True,
-                 skip_unscored: bool = False, engine: str = "auto"):
+    def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
+                 logit_scale: float = 1.0, impl: str = "auto", chunk_size: int | None = None, reduction: str = "mean",
+                 validate: bool = True, skip_unscored: bool = False, engine: str = "auto"):
         super().__init__()
         if reduction not in ("mean", "sum"):
             raise ValueError(f"{type(self).__name__}: reduction must be 'mean' or 'sum', got {reduction!r}")
-        if not temperature > 0:
-            raise ValueError(f"{type(self).__name__}: temperature must be > 0, got {temperature}")
+        logit_map(type(self).__name__, temperature, softcap, logit_scale)  # validates
         self.ignore_index, self.temperature, self.impl = ignore_index, float(temperature), impl
+        self.softcap, self.logit_scale = softcap, float(logit_scale)
         self.chunk_size, self.reduction, self.validate = chunk_size, reduction, validate
         if engine not in ("auto", "eager", "recompute"):
             raise ValueError(f"{type(self).__name__}: engine must be 'auto', 'eager' or 'recompute', got {engine!r}")
@@ -131,7 +136,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         self.prepare(b, **kwargs)
         n_units = len(b.bounds) - 1 if not self.paired else (len(b.bounds) - 1) // 2
         denom = float(max(n_units, 1)) if self.reduction == "mean" else 1.0
-        common = dict(bias=bias, temperature=self.temperature, ignore_index=self.ignore_index, impl=self.impl)
+        common = dict(bias=bias, ignore_index=self.ignore_index, impl=self.impl, **self._head())
 
         step = 2 if self.paired else 1
         units = b.bounds[::step]
@@ -175,6 +180,10 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         with torch.no_grad():
             _, metrics = self.plain(seq, tail, b, slice(None), self.reduction)
         return loss, metrics
+
+    def _head(self) -> dict:
+        """The final-logit keyword arguments of the ops (policy and reference alike)."""
+        return dict(temperature=self.temperature, softcap=self.softcap, logit_scale=self.logit_scale)
 
     # -- layout -------------------------------------------------------------------------------------------------
     def _layout(self, name, hidden, targets, cu_seqlens) -> _Batch:
@@ -278,17 +287,21 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             rh = rh.index_select(0, b.index)
         with torch.no_grad():
             tok = linear_logprobs(rh.detach(), (weight if ref_weight is None else ref_weight).detach(), b.targets,
-                                  bias=None if ref_bias is None else ref_bias.detach(), temperature=self.temperature,
+                                  bias=None if ref_bias is None else ref_bias.detach(),
                                   ignore_index=self.ignore_index, impl=self.impl, chunk_size=self.chunk_size,
-                                  check_targets=self.validate)
+                                  check_targets=self.validate, **self._head())
             b.ref = segment_sum(tok, b.cu)
             b.ref_tail = segment_sum(tok * b.tail_weight, b.cu) if self.needs_tail else None
 
 
 def sequence_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, cu_seqlens: Tensor | Sequence[int] | None = None,
-                   bias: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                   impl: str = "auto", chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+                   bias: Tensor | None = None, temperature: float = 1.0, softcap: float | None = None,
+                   logit_scale: float = 1.0, ignore_index: int = -100, impl: str = "auto",
+                   chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Per-sequence summed log-probs and scored-token counts, straight from hidden states (no full logits).
+
+    ``temperature``, ``softcap``, ``logit_scale`` (the model's final-logit transform) and mixed dtypes as in
+    ``fastpref.ops.linear_logprobs``.
 
     ``hidden [B, T, H]`` (one sequence per row, in row order) or packed ``[N, H]`` with ``cu_seqlens``. Returns
     ``(logps [S] fp32, lengths [S] fp32)``; differentiable through ``linear_logprobs`` (recompute engine). Use it
@@ -299,8 +312,8 @@ def sequence_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, cu_seqlen
         if hidden.dim() != 3 or targets.shape != hidden.shape[:2]:
             raise ValueError(f"sequence_logps: padded input needs hidden [B, T, H] and targets [B, T]; got "
                              f"{tuple(hidden.shape)} and {tuple(targets.shape)}")
-        tok = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
-                              impl=impl, chunk_size=chunk_size)
+        tok = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+                              logit_scale=logit_scale, ignore_index=ignore_index, impl=impl, chunk_size=chunk_size)
         return tok.sum(-1), (targets != ignore_index).float().sum(-1)
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
@@ -308,8 +321,8 @@ def sequence_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, cu_seqlen
     if cu.dim() != 1 or t.shape[0] != h.shape[0] or int(cu[-1]) != h.shape[0]:  # int(): one sync if cu is on CUDA
         raise ValueError(f"sequence_logps: packed input needs hidden [N, H], targets [N] and cu_seqlens ending at "
                          f"N={h.shape[0]}; got {tuple(hidden.shape)}, {tuple(targets.shape)}")
-    tok = linear_logprobs(h, weight, t, bias=bias, temperature=temperature, ignore_index=ignore_index, impl=impl,
-                          chunk_size=chunk_size)
+    tok = linear_logprobs(h, weight, t, bias=bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                          ignore_index=ignore_index, impl=impl, chunk_size=chunk_size)
     return segment_sum(tok, cu), segment_sum((t != ignore_index).float(), cu)
 
 

@@ -5,7 +5,8 @@ For a loss that is a sum over chunks of whole sequences / pairs / groups -- ever
 log-probs) are computed up front -- each chunk is handled completely in one pass::
 
     z_c   = h_c W^T + b                      one matmul, the only [chunk, V] tile alive
-    logp_c, H_c = stats(z_c)                 per-token log-prob and entropy (fp32)
+    logp_c, H_c = stats(z_c)                 per-token log-prob and entropy (fp32) of the final logits
+                                             (logit_scale, softcap, temperature applied in the tile)
     loss_c, aux = chunk_loss_fn(logp_c, H_c) the loss's own code, on [chunk]-sized tensors
     g_c, ge_c = dloss_c/dlogp_c, dloss_c/dH_c  autograd on the small tensors only
     dz_c  = grad(z_c, g_c, ge_c)             in place
@@ -14,6 +15,10 @@ log-probs) are computed up front -- each chunk is handled completely in one pass
 Backward only scales the stored gradients by the upstream scalar. 6NHV FLOPs in total (no recompute),
 extra memory ``dh`` + ``dW`` + one tile. A loss that couples the whole batch non-linearly through the
 log-probs must instead call ``linear_logprobs`` (the recompute engine) and let autograd do the rest.
+
+The pass runs with autocast off: the matmuls in ``fastpref._amp.compute_dtype`` (autocast's dtype inside
+``torch.autocast``, else the promoted input dtype), the loss callback in whatever dtype its tensors have (fp32
+log-probs), the gradients returned in each input's own dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fastpref import _amp
 from fastpref._impl import resolve_impl
 from fastpref.ops import _chunks
 
@@ -75,15 +81,18 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
 
 class _FusedChunkedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, fn, bounds, inv_temp, need_entropy, impl, aux_out):
+    def forward(ctx, hidden, weight, bias, targets, fn, bounds, lmap, dtype, need_entropy, impl, aux_out):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        acc = _chunks.GradAccumulator(hidden, weight, bias, need_dh, need_dw, need_db and bias is not None)
+        dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        hidden, weight, bias_c = _amp.cast(dtype, hidden, weight, bias)
+        acc = _chunks.GradAccumulator(hidden, weight, bias_c, need_dh, need_dw, need_db and bias is not None,
+                                      dtypes=dtypes)
         any_grad = need_dh or need_dw or need_db
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for s, e in zip(bounds[:-1], bounds[1:]):
             tgt = targets[s:e]
-            z = _chunks.chunk_logits(hidden[s:e], weight, bias)
-            zt, lse, ent = _chunks.stats(z, tgt, inv_temp, impl, need_entropy)
+            z = _chunks.chunk_logits(hidden[s:e], weight, bias_c)
+            zt, lse, ent = _chunks.stats(z, tgt, lmap, impl, need_entropy)
             valid = tgt >= 0
             logp = torch.where(valid, zt - lse, 0.0).requires_grad_(any_grad)
             ent_leaf = torch.where(valid, ent, 0.0).requires_grad_(any_grad) if need_entropy else None
@@ -100,7 +109,7 @@ class _FusedChunkedLoss(torch.autograd.Function):
                 g = torch.where(valid, grads[0], 0.0) if grads[0] is not None else torch.zeros_like(logp)
                 ge = torch.where(valid, grads[1], 0.0) if need_entropy and grads[1] is not None else None
                 dz = _chunks.grad_(z, tgt, lse, g.float().detach(), ge, ent if ge is not None else None,
-                                   inv_temp, impl)
+                                   lmap, impl)
                 acc.add(s, e, dz)
             del z
         ctx.save_for_backward(*[t for t in acc.grads(bias)])
@@ -118,18 +127,23 @@ class _FusedChunkedLoss(torch.autograd.Function):
         ctx.used = True
         out = [t.mul_(grad_out.to(t.dtype)) if has and t is not None else None
                for has, t in zip(ctx.has, ctx.saved_tensors)]
-        return (*out, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               chunk_loss_fn: ChunkLossFn, chunk_bounds: Sequence[int], *,
-                              bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                              bias: torch.Tensor | None = None, temperature: float = 1.0,
+                              softcap: float | None = None, logit_scale: float = 1.0, ignore_index: int = -100,
                               need_entropy: bool = False, impl: str = "auto") -> tuple[torch.Tensor, list[dict]]:
     """Sum over chunks of ``chunk_loss_fn(start, end, logp_chunk, entropy_chunk)``, never forming full logits.
 
     Args:
         hidden: ``[N, H]`` packed hidden states; weight ``[V, H]``; targets ``[N]`` (``ignore_index`` skipped:
-            ``logp = 0`` there, and no gradient).
+            ``logp = 0`` there, and no gradient). Mixed dtypes (e.g. bf16 hidden, fp32 weight) as in
+            ``linear_logprobs``: autocast's dtype inside ``torch.autocast``, else promoted; gradients in each
+            input's own dtype.
+        temperature, softcap, logit_scale: the final-logit transform, as in ``linear_logprobs``
+            (``(hW^T + b) * logit_scale``, then ``softcap * tanh(. / softcap)``, then ``/ temperature``).
         chunk_loss_fn: ``(start, end, logp [end-start] fp32, entropy or None) -> (loss_c 0-dim, aux dict)``.
             ``logp``/``entropy`` are autograd leaves; the function must depend only on its own chunk's tokens
             and on constants (batch-wide normalisers computed beforehand).
@@ -144,12 +158,9 @@ def fused_linear_chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, target
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"{op}: hidden must be [N, H] and weight [V, H] with the same H; got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"{op}: weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"{op}: targets must be [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
+    lmap = _chunks.logit_map(op, temperature, softcap, logit_scale)
     bounds = [int(b) for b in chunk_bounds]
     if not bounds or bounds[0] != 0 or bounds[-1] != hidden.shape[0] or any(
             b <= a for a, b in zip(bounds[:-1], bounds[1:])):
@@ -160,6 +171,8 @@ def fused_linear_chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, target
     h = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     aux: list[dict] = []
-    loss = _FusedChunkedLoss.apply(h, w, bias, t, chunk_loss_fn, bounds, 1.0 / float(temperature),
-                                   bool(need_entropy), impl, aux)
+    dtype = _amp.compute_dtype(h, w, bias)
+    with _amp.no_autocast(h.device):
+        loss = _FusedChunkedLoss.apply(h, w, bias, t, chunk_loss_fn, bounds, lmap, dtype, bool(need_entropy), impl,
+                                       aux)
     return loss, aux
