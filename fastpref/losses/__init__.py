@@ -5,7 +5,8 @@ from fastpref.losses.fused_preference import (  # noqa: E402  (preference losses
     FusedLinearCPOLoss, FusedLinearDPOLoss, FusedLinearKTOLoss, FusedLinearORPOLoss, FusedLinearPreferenceLoss,
     FusedLinearSimPOLoss, sequence_logps)
 from fastpref.losses.advantages import (  # noqa: E402  (RL advantages and reward shaping)
-    gae, group_advantages, kl_penalty_rewards, overlong_penalty, rloo_advantages, whiten)
+    AdaptiveKLController, fit_reward_normalizer, gae, group_advantages, kl_penalty_rewards, overlong_penalty,
+    rloo_advantages, whiten)
 from fastpref.losses.policy import (  # noqa: E402  (RL policy losses, plain forms)
     LOSS_TYPES as POLICY_LOSS_TYPES, kl_estimate, per_token_policy_loss, policy_loss, token_weights, value_loss)
 from fastpref.losses.fused_policy import FusedLinearPolicyLoss  # noqa: E402  (RL policy loss, fused form)

@@ -166,3 +166,50 @@ def overlong_penalty(lengths: torch.Tensor, max_completion_length: int, cache_le
     x = lengths.to(torch.float32)
     pen = ((soft_start - x) / cache_length).clamp(max=0.0)
     return torch.where(x > max_completion_length, torch.full_like(pen, -1.0), pen)
+
+
+class AdaptiveKLController:
+    """The adaptive KL coefficient of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences",
+    Sec. 2.2; ``lm_human_preferences/train_policy.py`` ``AdaptiveKLController``, also TRL < 0.12's and OpenRLHF's
+    ``kl_target`` / ``kl_horizon``): a proportional controller that moves ``value`` so the policy's KL to the
+    reference tracks ``target``::
+
+        e_t = clip(KL_t / target - 1, -0.2, 0.2)        beta_{t+1} = beta_t (1 + e_t * n_t / horizon)
+
+    with ``KL_t`` the batch's mean per-sequence KL and ``n_t`` the number of sequences in the batch (so the
+    horizon is counted in samples, as in the paper). Plain Python floats: the caller reads the KL once per
+    rollout (one host sync there, none per micro-batch).
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if not (init_kl_coef >= 0 and target > 0 and horizon > 0):
+            raise ValueError(f"AdaptiveKLController: need init_kl_coef >= 0, target > 0, horizon > 0, got "
+                             f"{init_kl_coef}, {target}, {horizon}")
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Fold in one batch's mean KL (over ``n_steps`` sequences); returns the new coefficient."""
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+def fit_reward_normalizer(scores: torch.Tensor, *, target_mean: float = 0.0, target_std: float = 1.0,
+                          eps: float = 1e-8) -> tuple[float, float]:
+    """``(gain, bias)`` with ``gain * scores + bias`` of mean ``target_mean`` and std ``target_std`` over
+    ``scores`` -- the reward normalisation of Ziegler et al. 2019 (``lm_human_preferences/train_reward.py``
+    ``normalize``: the reward model's gain and bias fitted on samples of the initial policy, "The N Implementation
+    Details of RLHF with PPO", reward-model detail 3). Population std, as the reference code's ``tf.nn.moments``.
+    A constant sample (std 0) gets ``gain = 1`` and only the mean shift (nothing to scale)."""
+    s = scores.detach().double().flatten()
+    if s.numel() == 0:
+        raise ValueError("fit_reward_normalizer: no scores")
+    mean, std = float(s.mean()), float(s.std(unbiased=False))
+    gain = target_std / std if std > eps else 1.0
+    return gain, target_mean - gain * mean

@@ -223,6 +223,23 @@ _CHECK_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.15, torch.float16: 0.03}
 _CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 0.02, torch.float16: 0.005}
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout of ``model`` to 0 and return how many were on: each ``nn.Dropout``'s ``p`` (TRL's
+    ``disable_dropout_in_model``) and the float ``attention_dropout`` / ``dropout`` rates that transformers'
+    attention modules read at call time (Llama, Qwen, Mistral, Gemma: ``self.attention_dropout``), which
+    ``nn.Dropout`` alone misses."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p:
+            m.p, n = 0.0, n + 1
+        for attr in ("attention_dropout", "dropout"):
+            v = getattr(m, attr, None)
+            if isinstance(v, float) and not isinstance(m, torch.nn.Dropout) and v:
+                setattr(m, attr, 0.0)
+                n += 1
+    return n
+
+
 def check_logits(model: torch.nn.Module, *, pack: bool = False) -> float:
     """Compare the trainer's per-token log-probs (:func:`token_logps`, padded or packed as the run uses them) of
     three short fixed sequences with ``log_softmax`` of the model's own ``logits`` (each sequence run alone);

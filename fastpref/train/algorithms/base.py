@@ -103,6 +103,9 @@ class Runtime:
     """Free slot for algorithm-specific objects (a critic, a reward model, a generation backend). The trainer
     puts the training split there as ``"train_examples"`` (GRPO's dynamic sampling draws fresh refill prompts
     from it)."""
+    total_steps: int = 0
+    """Optimizer steps of the whole run (the trainer's count, SFT warm-up included); 0: unknown, read
+    ``train.max_steps``. Extra optimizers (PPO's separate critic) follow the run's schedule over it."""
 
     def sequence_logps(self, batch: dict, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sequence summed log-probs of the scored tokens and their counts, ``([S] fp32, [S] int)``.

@@ -63,8 +63,10 @@ class GRPOConfig(OnlineConfig):
     """Upper clip (None: the loss type's default; DAPO's clip-higher is 0.28)."""
     delta: float | None = None
     """Dual-clip bound on the ratio (> 1 + epsilon_high), or None."""
-    scale_rewards: str = "group"
-    """Advantage scaling: group, batch, none (Dr. GRPO)."""
+    scale_rewards: str | None = None
+    """Advantage scaling: group, batch, none; null: the loss type's -- ``none`` for ``dr_grpo`` (Dr. GRPO, Liu et
+    al. 2025, drops the std division; TRL needs ``scale_rewards="none"`` set by hand for it), ``group`` for the
+    others (TRL's default)."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (0: entropy is only logged)."""
     dynamic_sampling: bool = False
@@ -77,6 +79,13 @@ class GRPOConfig(OnlineConfig):
     """Weight of the overlong penalty added to the rewards."""
     refill_pool_size: int = 1024
     """Prompts seen so far kept for dynamic-sampling refills once no fresh prompt is left."""
+
+    @property
+    def resolved_scale_rewards(self) -> str:
+        """``scale_rewards``, or the loss type's when null (``none`` for dr_grpo, else ``group``)."""
+        if self.scale_rewards is not None:
+            return self.scale_rewards
+        return "none" if self.loss_type == "dr_grpo" else "group"
 
     def validate(self) -> None:
         super().validate()
@@ -91,8 +100,8 @@ class GRPOConfig(OnlineConfig):
         if self.generation.num_generations < 2:
             raise ValueError(f"grpo needs generation.num_generations >= 2 (a group), got "
                              f"{self.generation.num_generations}")
-        if self.scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"grpo.scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
+        if self.scale_rewards is not None and self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"grpo.scale_rewards must be group, batch, none or null, got {self.scale_rewards!r}")
         if self.overlong_cache_length is not None and not (
                 0 < self.overlong_cache_length <= self.generation.max_new_tokens):
             raise ValueError(f"grpo.overlong_cache_length must be in (0, generation.max_new_tokens="
@@ -219,7 +228,7 @@ class GRPO(OnlineAlgorithm):
         if sec.overlong_cache_length is not None:
             rewards = rewards + sec.overlong_coef * overlong_penalty(lengths, gen.max_new_tokens,
                                                                      sec.overlong_cache_length)
-        adv = group_advantages(rewards, G, scale_rewards=sec.scale_rewards)
+        adv = group_advantages(rewards, G, scale_rewards=sec.resolved_scale_rewards)
         grouped = rewards.view(-1, G)
         self.step_metrics.update(metrics_float({
             **stats, "reward/mean": rewards.mean(), "reward/std": rewards.std(),

@@ -22,36 +22,42 @@ The critic (``critic``):
   output is kept, as TRL initialises the value model from the reward model; a causal LM gets a fresh zero head),
   or, when empty, a copy of the initial policy's trunk (LoRA merged in) with a fresh zero head. It lives on the
   policy's device in the policy's dtype and trains all its weights with its own AdamW (``critic_lr``; the
-  ``optim`` betas, eps, weight decay, ``max_grad_norm`` and linear warm-up, then constant), stepped in
-  ``on_step_end`` right after the policy's step; the value loss never reaches the policy. Its weights, optimizer
-  and schedule are in the algorithm's checkpointed state (``algorithm.pt``); ``final/critic/`` holds the trained
-  trunk (``save_pretrained``) and ``value_head.safetensors``.
+  ``optim`` betas, eps, weight decay, ``max_grad_norm``, and the run's learning-rate schedule step for step),
+  stepped in ``on_step_end`` right after the policy's step; the value loss never reaches the policy. Its weights
+  and optimizer are in the algorithm's checkpointed state; ``final/critic/`` holds the trained trunk
+  (``save_pretrained``) and ``value_head.safetensors``.
 
-Differences from TRL: each PPO epoch is one trainer step over the whole rollout (in ``train.grad_accum``
-micro-batches) instead of TRL's shuffled mini-batches; a separate critic's learning rate does not follow
-``optim.schedule``'s decay (the algorithm does not know the run's length). ``missing_eos_penalty`` is applied as
-in TRL.
+The implementation details of Huang et al. (and TRL / OpenRLHF): ``num_mini_batches`` shuffled mini-batches per
+PPO epoch (TRL), the adaptive KL controller (``kl_target``, ``kl_horizon``; Ziegler et al. 2019), reward
+normalisation on the initial policy's samples (``normalize_reward``, ``normalize_samples``), dropout off in every
+model (``disable_dropout``), an entropy bonus (``entropy_coef``) and dual-clip PPO (``dual_clip``; Ye et al.
+2020). ``docs/online.md`` has the full checklist: what is implemented, configurable, or absent and why.
+``missing_eos_penalty`` is applied as in TRL.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import random
 from dataclasses import dataclass
 
 import torch
 
-from fastpref.losses.advantages import gae, kl_penalty_rewards, whiten
+from fastpref.losses.advantages import AdaptiveKLController, fit_reward_normalizer, gae, kl_penalty_rewards, whiten
 from fastpref.losses.policy import policy_loss, value_loss
 from fastpref.ops import linear_logprobs
 from fastpref.rewards import RewardModelScorer
 from fastpref.train.algorithms.base import register_algorithm
-from fastpref.train.distributed import average_grads
-from fastpref.train.modeling import base_model, lm_head, logit_transform
+from fastpref.train.distributed import all_reduce_mean, average_grads
+from fastpref.train.modeling import base_model, disable_dropout, lm_head, logit_transform
 from fastpref.train.online.common import OnlineAlgorithm, OnlineConfig, metrics_float, micro_batch, token_logps
-from fastpref.train.rollout import PackedBatch, pack_rollout, policy_hidden, timed
+from fastpref.train.rollout import PackedBatch, Rollout, pack_rollout, policy_hidden, timed
+from fastpref.train.schedule import lr_lambda
 
 CRITICS = ("shared", "separate")
+log = logging.getLogger("fastpref.train")
 
 
 @dataclass
@@ -87,7 +93,31 @@ class PPOConfig(OnlineConfig):
     sequence-classification model with one label (an ``algorithm=rm`` output keeps its head, a causal LM gets a
     fresh zero head); null: a copy of the initial policy's trunk with a fresh zero head."""
     critic_lr: float | None = None
-    """Learning rate of the separate critic's own AdamW (null: ``optim.lr``)."""
+    """Learning rate of the separate critic's own AdamW (null: ``optim.lr``); it follows the run's schedule."""
+    num_mini_batches: int = 1
+    """Mini-batches per PPO epoch (TRL's ``num_mini_batches``): each epoch shuffles the rollout's sequences and
+    takes one optimizer step per mini-batch, so a rollout lasts ``num_ppo_epochs * num_mini_batches`` trainer
+    steps. 1: one full-batch step per epoch (no shuffle needed)."""
+    kl_target: float | None = None
+    """Adaptive KL controller's target KL per sequence (Ziegler et al. 2019; OpenRLHF's ``kl_target``, the paper's
+    6.0); null: the fixed ``kl_coef``. ``kl_coef`` is then the controller's initial value."""
+    kl_horizon: int = 10000
+    """Adaptive KL controller's horizon in sequences (Ziegler et al. 2019 and OpenRLHF: 10000)."""
+    normalize_reward: bool = False
+    """Fit a gain and bias on the scores of ``normalize_samples`` samples of the initial policy so they have mean
+    0 and std 1, and apply them to every score (Ziegler et al. 2019's reward normalisation)."""
+    normalize_samples: int = 256
+    """Initial-policy samples the reward normaliser is fitted on (lm-human-preferences: 256)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: ``entropy_coef * mean token entropy`` is subtracted from the loss (OpenRLHF's
+    ``entropy_loss_coef``; 0: entropy is only logged)."""
+    dual_clip: float | None = None
+    """Dual-clip PPO (Ye et al. 2020; OpenRLHF's ``dual_clip``, e.g. 3): for negative advantages the ratio is
+    capped at ``dual_clip`` (> 1 + cliprange); null: off."""
+    disable_dropout: bool = True
+    """Set every dropout of the policy, the reference and the critic to 0, so the rollout's log-probs and values
+    (no_grad, train mode) are the ones the loss sees (TRL's PPOTrainer always does; blog detail "disable
+    dropout")."""
 
     def validate(self) -> None:
         super().validate()
@@ -104,6 +134,36 @@ class PPOConfig(OnlineConfig):
                              f"(got critic_path={self.critic_path!r}, critic_lr={self.critic_lr!r})")
         if self.critic_lr is not None and not self.critic_lr > 0:
             raise ValueError(f"ppo.critic_lr must be > 0 (or null: optim.lr), got {self.critic_lr}")
+        if not (isinstance(self.num_mini_batches, int) and self.num_mini_batches >= 1):
+            raise ValueError(f"ppo.num_mini_batches must be an int >= 1, got {self.num_mini_batches!r}")
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ValueError(f"ppo.kl_target must be > 0 (or null: a fixed kl_coef), got {self.kl_target}")
+        if not (isinstance(self.kl_horizon, int) and self.kl_horizon >= 1):
+            raise ValueError(f"ppo.kl_horizon must be an int >= 1, got {self.kl_horizon!r}")
+        if not (isinstance(self.normalize_samples, int) and self.normalize_samples >= 2):
+            raise ValueError(f"ppo.normalize_samples must be an int >= 2, got {self.normalize_samples!r}")
+        if not self.entropy_coef >= 0:
+            raise ValueError(f"ppo.entropy_coef must be >= 0, got {self.entropy_coef}")
+        if self.dual_clip is not None and not self.dual_clip > 1 + self.cliprange:
+            raise ValueError(f"ppo.dual_clip must be > 1 + ppo.cliprange = {1 + self.cliprange} (or null: off), got "
+                             f"{self.dual_clip}")
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _split(items: list[int], n: int) -> list[list[int]]:
+    """``items`` cut into ``n`` contiguous parts whose sizes differ by at most one."""
+    q, r = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + q + (i < r)
+        out.append(items[start:end])
+        start = end
+    return out
 
 
 def to_padded(values: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -218,6 +278,11 @@ class PPO(OnlineAlgorithm):
         if cfg.train.precision == "fp16-mixed" and cfg.sections["ppo"].critic == "separate":
             raise ValueError("train.precision=fp16-mixed with ppo.critic=separate is not supported (the critic's "
                              "optimizer steps outside the gradient scaler); use bf16-mixed or ppo.critic=shared")
+        sec = cfg.sections["ppo"]
+        n_seqs = cfg.train.batch_size * sec.generation.num_generations
+        if sec.num_mini_batches > n_seqs:
+            raise ValueError(f"ppo.num_mini_batches={sec.num_mini_batches} exceeds the rollout's {n_seqs} sequences "
+                             f"(train.batch_size x ppo.generation.num_generations)")
 
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
@@ -229,19 +294,31 @@ class PPO(OnlineAlgorithm):
                                        gradient_checkpointing=cfg.model.gradient_checkpointing)
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=sec.critic_lr or o.lr,
                                                 betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-            warm = o.warmup_steps
-            self.critic_sched = torch.optim.lr_scheduler.LambdaLR(
-                self.critic_opt, lambda done: (done + 1) / warm if done < warm else 1.0)
+            self._critic_lr = lr_lambda(cfg, rt.total_steps or cfg.train.max_steps)  # the policy's schedule, step for step
         else:
             if not hasattr(model, "value_head"):
                 w, _ = lm_head(model)
                 model.add_module("value_head", zero_value_head(w.shape[1], w))
             self.value_head = model.value_head
+        if sec.disable_dropout:
+            for m in (model, self.critic, getattr(rt.reference, "model", None)):
+                if m is not None:
+                    disable_dropout(m)
         if sec.reward_model:
             from transformers import AutoModelForSequenceClassification
 
             rm = AutoModelForSequenceClassification.from_pretrained(sec.reward_model).to(rt.device).eval()
+            if sec.disable_dropout:
+                disable_dropout(rm)
             self.reward_fn = RewardModelScorer(rm, rt.tokenizer)
+        self.kl_ctl = AdaptiveKLController(sec.kl_coef, sec.kl_target, sec.kl_horizon) if sec.kl_target else None
+        self.reward_norm: tuple[float, float] | None = None  # (gain, bias), fitted on the first rollout
+        self._plan: list[list[int]] = []  # per trainer step of the buffered rollout: indices into _buffer
+
+    @property
+    def kl_coef(self) -> float:
+        """The KL penalty's current coefficient: the adaptive controller's value, else ``ppo.kl_coef``."""
+        return self.kl_ctl.value if self.kl_ctl is not None else self.sec.kl_coef
 
     def _forward(self, batch: PackedBatch, *, entropy: bool):
         """``(logp [N], entropy [N] or None, values [N])``: the policy's trunk pass (and the value head on its
@@ -254,17 +331,56 @@ class PPO(OnlineAlgorithm):
         values = self.critic(batch) if self.critic is not None else self.value_head(h).squeeze(-1).float()
         return logp, ent, values
 
-    def _new_rollout(self, examples: list[dict]) -> list[dict]:
+    def _fit_reward_norm(self, ro: Rollout, scores: torch.Tensor, examples: list[dict]) -> None:
+        """Fit ``(gain, bias)`` on at least ``normalize_samples`` scores of the initial policy: this first
+        rollout's, then more samples on prompts of the training split (``rt.extras["train_examples"]`` in a seeded
+        order; the step's own prompts when the trainer hands none). Under torchrun the moments are averaged over
+        ranks, so every rank applies the same normaliser."""
+        need = self.sec.normalize_samples
+        pool = self.rt.extras.get("train_examples") or examples
+        order = list(range(len(pool)))
+        random.Random(self.cfg.train.seed + 1).shuffle(order)
+        all_scores, pos = [scores], 0
+        while sum(x.numel() for x in all_scores) < need:
+            take = [pool[order[(pos + i) % len(order)]] for i in range(len(examples))]
+            pos += len(examples)
+            extra = self.rollout(take)
+            all_scores.append(self.score(extra, take))
+        s = torch.cat(all_scores).double()
+        if _world() > 1:  # every rank has as many samples: fit on all of them, the same normaliser everywhere
+            import torch.distributed as dist
+
+            parts = [torch.empty_like(s) for _ in range(_world())]
+            dist.all_gather(parts, s)
+            s = torch.cat(parts)
+        self.reward_norm = fit_reward_normalizer(s)
+        log.info("ppo: reward normaliser fitted on %d initial-policy samples: gain %.4g, bias %.4g",
+                 s.numel(), *self.reward_norm)
+        self.step_metrics["reward/norm_gain"], self.step_metrics["reward/norm_bias"] = self.reward_norm
+
+    def _new_rollout(self, examples: list[dict]) -> tuple[list[dict], list[list[int]]]:
+        """Sample, score and evaluate one rollout: ``(micro-batches, plan)`` where ``plan[k]`` lists the
+        micro-batches of the ``k``-th trainer step on it (``num_ppo_epochs * num_mini_batches`` steps)."""
         sec, gen = self.sec, self.sec.generation
         ro = self.rollout(examples)
         scores = self.score(ro, examples)
+        if sec.normalize_reward:
+            if self.reward_norm is None:
+                self._fit_reward_norm(ro, scores, examples)
+            gain, bias = self.reward_norm
+            scores = gain * scores + bias
         if sec.missing_eos_penalty is not None:
             scores = scores - sec.missing_eos_penalty * torch.tensor(ro.truncated, dtype=scores.dtype)
-        out, stats = [], []
-        for idx in self.group_slices(len(ro), ro.group_size, self.cfg.train.grad_accum):
+        S, T = len(ro), max(1, int(ro.lengths().max()))
+        full = {k: torch.zeros(S, T, device=self.device) for k in ("old", "values", "adv", "ret", "mask")}
+        kl_coef, stats = self.kl_coef, []
+        parts = self.group_slices(S, ro.group_size, self.cfg.train.grad_accum)
+        batches = []
+        for idx in parts:  # the no-grad passes, in the micro-batches of grad_accum
             part = ro.select(idx)
             with timed(self._timings, "pack"):
                 batch = pack_rollout(part, self.device)
+            batches.append(batch)
             mask = batch.mask
             with timed(self._timings, "old_ref_values"), torch.no_grad():
                 old, _, values = self._forward(batch, entropy=False)
@@ -272,64 +388,107 @@ class PPO(OnlineAlgorithm):
                     ref = token_logps(ref_model, batch, temperature=gen.temperature, pad_id=self.pad_id)
                 m_pad = to_padded(mask, batch)
                 rew = kl_penalty_rewards(scores[idx].to(self.device), to_padded(old, batch), to_padded(ref, batch),
-                                         m_pad, kl_coef=sec.kl_coef, kl_estimator=sec.kl_estimator)
+                                         m_pad, kl_coef=kl_coef, kl_estimator=sec.kl_estimator)
                 if sec.whiten_rewards:
                     rew = whiten(rew, m_pad, shift_mean=False)
-                adv, ret = gae(rew, to_padded(values, batch), m_pad, gamma=sec.gamma, lam=sec.lam)
-            out.append(micro_batch(batch, old=old, values=values, advantages=from_padded(adv, batch),
-                                   returns=from_padded(ret, batch)))
-            n = m_pad.sum()
-            stats.append({"kl_seq": ((old - ref) * mask).sum() / len(idx),
-                          "non_score_reward": (rew.sum() - scores[idx].sum()) / len(idx),
-                          "adv_mean": (adv * m_pad).sum() / n, "ret_mean": (ret * m_pad).sum() / n,
-                          "val_mean": (values * mask).sum() / n})
-        k = len(stats)
+                adv, ret = gae(rew, to_padded(values, batch), m_pad, gamma=sec.gamma, lam=sec.lam,
+                               whiten_advantages=False)
+            t = m_pad.shape[1]
+            for k, v in (("old", to_padded(old, batch)), ("values", to_padded(values, batch)), ("adv", adv),
+                         ("ret", ret), ("mask", m_pad)):
+                full[k][idx, :t] = v
+            stats.append({"kl_seq": ((old - ref) * mask).sum(), "non_score_reward": rew.sum() - scores[idx].sum(),
+                          "val_sum": (values * mask).sum()})
+        # Advantages whitened over the whole rollout (TRL's PPOTrainer), not per micro-batch.
+        full["adv"] = whiten(full["adv"], full["mask"])
+        n_tok = full["mask"].sum()
+        kl = sum(st["kl_seq"] for st in stats) / S
+        if self.kl_ctl is not None:  # one host read per rollout; the KL is averaged over ranks first
+            kl_all = kl.detach().reshape(1).clone()
+            if _world() > 1:
+                all_reduce_mean([kl_all])
+            self.kl_ctl.update(float(kl_all), S * _world())
         lengths = ro.lengths().float()
         self.step_metrics.update(metrics_float({
             "reward/mean": scores.mean(), "reward/std": scores.std() if len(scores) > 1 else torch.zeros(()),
-            "objective/kl": sum(s["kl_seq"] for s in stats) / k,
-            "objective/non_score_reward": sum(s["non_score_reward"] for s in stats) / k,
-            "advantages/mean": sum(s["adv_mean"] for s in stats) / k,
-            "returns/mean": sum(s["ret_mean"] for s in stats) / k,
-            "values/rollout_mean": sum(s["val_mean"] for s in stats) / k,
+            "objective/kl": kl,
+            "objective/non_score_reward": sum(st["non_score_reward"] for st in stats) / S,
+            "advantages/mean": (full["adv"] * full["mask"]).sum() / n_tok,
+            "returns/mean": (full["ret"] * full["mask"]).sum() / n_tok,
+            "values/rollout_mean": sum(st["val_sum"] for st in stats) / n_tok,
             "completion/mean_length": lengths.mean(),
             "completion/truncated_frac": torch.tensor(sum(ro.truncated) / len(ro))}))
-        return out
+        self.step_metrics["objective/kl_coef"] = kl_coef
+
+        def make(idx: list[int], batch: PackedBatch | None = None) -> dict:
+            if batch is None:
+                with timed(self._timings, "pack"):
+                    batch = pack_rollout(ro.select(idx), self.device)
+            return micro_batch(batch, **{name: from_padded(full[k][idx], batch) for name, k in (
+                ("old", "old"), ("values", "values"), ("advantages", "adv"), ("returns", "ret"))})
+
+        E, M = sec.num_ppo_epochs, sec.num_mini_batches
+        if M == 1:  # one full-batch step per epoch: the same micro-batches every epoch
+            mbs = [make(idx, b) for idx, b in zip(parts, batches)]
+            return mbs, [list(range(len(mbs)))] * E
+        mbs, plan = [], []
+        for _ in range(E):  # TRL: a fresh permutation per epoch, cut into mini-batches, each into micro-batches
+            perm = list(range(S))
+            self.rng.shuffle(perm)
+            for mini in _split(perm, M):
+                step = []
+                for micro in _split(mini, min(self.cfg.train.grad_accum, len(mini))):
+                    step.append(len(mbs))
+                    mbs.append(make(sorted(micro)))
+                plan.append(step)
+        return mbs, plan
 
     def micro_batches(self, examples: list[dict], step: int) -> list[dict]:
-        return self.reuse_rollout(examples, self.sec.num_ppo_epochs, self._new_rollout)
+        if self._uses_left == 0:
+            self._buffer, self._plan = self._new_rollout(examples)
+            self._uses_left = len(self._plan)
+        step_mbs = [self._buffer[i] for i in self._plan[len(self._plan) - self._uses_left]]
+        self._uses_left -= 1
+        self.begin_train_phase(sum(mb["packed"].input_ids.numel() for mb in step_mbs))
+        return step_mbs
 
     def compute_loss(self, batch: dict):
         sec, packed = self.sec, batch["packed"]
         mask = packed.mask
         logp, ent, values = self._forward(packed, entropy=True)
         pl, m = policy_loss(logp, batch["old"], batch["advantages"], mask, loss_type="ppo", eps_low=sec.cliprange,
-                            entropy=ent, cu_seqlens=packed.cu_seqlens)
+                            entropy=ent, entropy_coef=sec.entropy_coef, delta=sec.dual_clip,
+                            cu_seqlens=packed.cu_seqlens)
         vl, vm = value_loss(values, batch["values"], batch["returns"], mask, clip=sec.cliprange_value)
         return pl + sec.vf_coef * vl, {**m, **vm, "loss/policy": pl.detach(), "loss/value": vl.detach()}
 
     def on_step_end(self, step: int) -> None:
         if self.critic is not None:  # timed as part of the train stage
-            self._critic_step()
+            self._critic_step(step)
         super().on_step_end(step)
 
-    def _critic_step(self) -> None:
-        """The separate critic's optimizer step on the gradients the step's micro-batches accumulated."""
+    def _critic_step(self, step: int) -> None:
+        """The separate critic's optimizer step on the gradients the step's micro-batches accumulated, at the
+        learning rate the run's schedule gives trainer step ``step`` (``critic_lr`` or ``optim.lr`` times it)."""
         params = list(self.critic.parameters())
         average_grads(params)
         max_norm = self.cfg.optim.max_grad_norm
         if max_norm is not None:
             self.step_metrics["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        self.step_metrics["critic/lr"] = self.critic_opt.param_groups[0]["lr"]
+        lr = (self.sec.critic_lr or self.cfg.optim.lr) * self._critic_lr(step - 1)
+        for group in self.critic_opt.param_groups:
+            group["lr"] = lr
+        self.step_metrics["critic/lr"] = lr
         self.critic_opt.step()
-        self.critic_sched.step()
         self.critic_opt.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
+        sd["plan"] = self._plan
+        sd["kl_coef"] = self.kl_coef
+        sd["reward_norm"] = list(self.reward_norm) if self.reward_norm is not None else None
         if self.critic is not None:
-            sd["critic"] = {"model": self.critic.state_dict(), "optimizer": self.critic_opt.state_dict(),
-                            "scheduler": self.critic_sched.state_dict()}
+            sd["critic"] = {"model": self.critic.state_dict(), "optimizer": self.critic_opt.state_dict()}
         else:
             sd["value_head"] = self.value_head.state_dict()
         return sd
@@ -352,12 +511,15 @@ class PPO(OnlineAlgorithm):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        self._plan = [list(p) for p in state["plan"]]
+        if self.kl_ctl is not None:
+            self.kl_ctl.value = float(state["kl_coef"])
+        self.reward_norm = tuple(state["reward_norm"]) if state.get("reward_norm") is not None else None
         if (self.critic is not None) != ("critic" in state):
             raise ValueError(f"resume: the checkpoint was written with another ppo.critic than this run's "
                              f"{self.sec.critic!r}")
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"]["model"])
             self.critic_opt.load_state_dict(state["critic"]["optimizer"])
-            self.critic_sched.load_state_dict(state["critic"]["scheduler"])
         elif "value_head" in state:  # (checkpoints written before the head was saved here hold it in model.pt)
             self.value_head.load_state_dict(state["value_head"])
