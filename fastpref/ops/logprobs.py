@@ -76,6 +76,9 @@ class _LinearLogprobs(torch.autograd.Function):
         ent = torch.where(valid, ent, torch.zeros_like(ent))
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent if want_entropy else None)
         ctx.cfg = (lmap, dtype, impl, chunk_rows)
+        # An output nobody differentiates (the entropy when it is only logged) comes back as None, not as zeros:
+        # then the backward takes the cheaper path without the entropy term (TRL does the same).
+        ctx.set_materialize_grads(False)
         if not want_entropy:
             ent = ent.new_empty(0)
             ctx.mark_non_differentiable(ent)
