@@ -14,10 +14,10 @@ from fastpref.losses.advantages import group_advantages
 def test_grpo_raises_mean_reward_on_arith():
     algo, ex = make_algo("grpo", seed=0, gen_num_generations=8, gen_max_new_tokens=2)
     hist, _ = run_steps(algo, ex, 60, lr=2e-2)
-    r = [h["reward/mean"] for h in hist]
+    r = [h["reward"] for h in hist]
     first, last = sum(r[:10]) / 10, sum(r[-10:]) / 10
     assert last > first + 0.2, f"mean reward did not rise: first 10 steps {first:.3f}, last 10 {last:.3f}"
-    for key in ("reward/std", "advantages/std", "entropy", "completion/mean_length", "time_share/generate",
+    for key in ("reward_std", "advantages/std", "entropy", "completions/mean_length", "time_share/generate",
                 "time_share/train", "train_tokens_per_s", "clip_ratio/region_mean"):
         assert key in hist[-1], key
 
@@ -210,7 +210,7 @@ def test_overlong_shaping_adds_dapo_penalty():
     algo.micro_batches(ex[:4], 0)
     m = algo.step_metrics
     # L_max = L_cache = 2: penalty = -|y| / 2 for every completion (|y| <= 2)
-    assert m["reward/mean"] - m["reward/sampled_mean"] == pytest.approx(-m["completion/mean_length"] / 2, abs=1e-6)
+    assert m["reward"] - m["reward/sampled_mean"] == pytest.approx(-m["completions/mean_length"] / 2, abs=1e-6)
 
 
 def test_grpo_resume_mid_rollout_continues_identically():
@@ -276,7 +276,7 @@ def test_grpo_through_the_trainer_resumes_mid_rollout_to_the_same_weights(tmp_pa
     train_recs = [r for r in recs if r.get("phase") == "grpo"]
     assert len(train_recs) == 6 and all("time_share/train" in r for r in train_recs)
     # mu = 2: steps 1, 3, 5 generate (reward stats), steps 2, 4, 6 reuse the rollout
-    assert [("reward/mean" in r) for r in train_recs] == [True, False] * 3
+    assert [("reward" in r) for r in train_recs] == [True, False] * 3
     assert any("eval/reward/mean" in r for r in recs)
     if dynamic:
         assert sum(r.get("dynamic_sampling/fresh_prompts", 0) for r in train_recs) > 0

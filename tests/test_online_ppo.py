@@ -27,7 +27,7 @@ def test_to_from_padded_hand_case():
 def test_ppo_raises_mean_reward_on_arith():
     algo, ex = make_algo("ppo", gen_num_generations=4, gen_max_new_tokens=2, num_ppo_epochs=2, kl_coef=0.01)
     hist, _ = run_steps(algo, ex, 60, lr=2e-2)
-    r = [h["reward/mean"] for h in hist if "reward/mean" in h]
+    r = [h["objective/scores"] for h in hist if "objective/scores" in h]
     assert len(r) == 30
     first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
     assert last > first + 0.2, f"PPO mean reward did not rise: {first:.3f} -> {last:.3f}"

@@ -94,9 +94,9 @@ def test_ppo_fits_the_normaliser_on_initial_policy_samples_and_applies_it():
     assert len(seen) == 64 + 32  # no refit at step 2
     assert hist[0]["reward/norm_gain"] == pytest.approx(gain)
     raw_first = torch.tensor(seen[:32], dtype=torch.float64)
-    assert hist[0]["reward/mean"] == pytest.approx(float((gain * raw_first + bias).mean()), rel=1e-6, abs=1e-9)
+    assert hist[0]["objective/scores"] == pytest.approx(float((gain * raw_first + bias).mean()), rel=1e-6, abs=1e-9)
     raw_second = torch.tensor(seen[64:], dtype=torch.float64)
-    assert hist[1]["reward/mean"] == pytest.approx(float((gain * raw_second + bias).mean()), rel=1e-6, abs=1e-9)
+    assert hist[1]["objective/scores"] == pytest.approx(float((gain * raw_second + bias).mean()), rel=1e-6, abs=1e-9)
 
 
 # ------------------------------------------------------------------------------------ mini-batches

@@ -231,13 +231,15 @@ class GRPO(OnlineAlgorithm):
         adv = group_advantages(rewards, G, scale_rewards=sec.resolved_scale_rewards)
         grouped = rewards.view(-1, G)
         self.step_metrics.update(metrics_float({
-            **stats, "reward/mean": rewards.mean(), "reward/std": rewards.std(),
+            # TRL's GRPOTrainer names where TRL has the metric (reward, reward_std, frac_reward_zero_std, completions/*)
+            **stats, "reward": rewards.mean(), "reward_std": rewards.std(),
             "reward/group_std_mean": grouped.std(dim=1).mean(),
-            "reward/zero_std_frac": (grouped.std(dim=1) == 0).float().mean(),
+            "frac_reward_zero_std": (grouped.std(dim=1) == 0).float().mean(),
             "advantages/mean": adv.mean(), "advantages/std": adv.std(), "advantages/abs_max": adv.abs().max(),
-            "completion/mean_length": lengths.float().mean(), "completion/max_length": lengths.max(),
-            "completion/truncated_frac": torch.tensor(sum(ro.truncated) / len(ro.truncated))}))
-        if self.step_metrics["reward/zero_std_frac"] == 1.0:  # already a float: no extra sync
+            "completions/mean_length": lengths.float().mean(), "completions/max_length": lengths.max(),
+            "completions/min_length": lengths.min(),
+            "completions/clipped_ratio": torch.tensor(sum(ro.truncated) / len(ro.truncated))}))
+        if self.step_metrics["frac_reward_zero_std"] == 1.0:  # already a float: no extra sync
             self.no_signal("every group had the same reward for all its completions (all advantages 0)")
         slices = self.group_slices(len(ro), G, self.cfg.train.grad_accum)
         n_micro = len(slices)

@@ -409,15 +409,18 @@ class PPO(OnlineAlgorithm):
                 all_reduce_mean([kl_all])
             self.kl_ctl.update(float(kl_all), S * _world())
         lengths = ro.lengths().float()
+        non_score = sum(st["non_score_reward"] for st in stats) / S
         self.step_metrics.update(metrics_float({
-            "reward/mean": scores.mean(), "reward/std": scores.std() if len(scores) > 1 else torch.zeros(()),
+            # TRL's PPOTrainer names where TRL has the metric (objective/*, completions/* as its GRPOTrainer)
+            "objective/scores": scores.mean(), "reward_std": scores.std() if len(scores) > 1 else torch.zeros(()),
             "objective/kl": kl,
-            "objective/non_score_reward": sum(st["non_score_reward"] for st in stats) / S,
+            "objective/non_score_reward": non_score,
+            "objective/rlhf_reward": scores.mean() + non_score,
             "advantages/mean": (full["adv"] * full["mask"]).sum() / n_tok,
             "returns/mean": (full["ret"] * full["mask"]).sum() / n_tok,
             "values/rollout_mean": sum(st["val_sum"] for st in stats) / n_tok,
-            "completion/mean_length": lengths.mean(),
-            "completion/truncated_frac": torch.tensor(sum(ro.truncated) / len(ro))}))
+            "completions/mean_length": lengths.mean(),
+            "completions/clipped_ratio": torch.tensor(sum(ro.truncated) / len(ro))}))
         self.step_metrics["objective/kl_coef"] = kl_coef
 
         def make(idx: list[int], batch: PackedBatch | None = None) -> dict:
