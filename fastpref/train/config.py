@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastpref.train.reporting import check_report_to
 
 log = logging.getLogger("fastpref.config")
 
@@ -278,6 +279,10 @@ class TrainLoopConfig:
     """Micro-batches per evaluation; 0: the whole held-out set."""
     log_every: int = ranged(1, "> 0")
     """Write ``metrics.jsonl`` every N steps."""
+    report_to: list[str] | None = None
+    """Experiment trackers besides ``metrics.jsonl`` (TRL's ``report_to``): ``[tensorboard, wandb, mlflow,
+    trackio]`` (any of them), ``none``, ``all`` (every installed one); null: tensorboard when installed. Each is an
+    optional extra (``fastpref[wandb]``...); see ``fastpref.train.reporting``."""
     save_every: int = ranged(0, ">= 0")
     """Write ``checkpoints/step-N`` every N steps; 0: only ``final/``."""
     keep_checkpoints: int = ranged(2, ">= 0")
@@ -986,6 +991,10 @@ def validate_config(cfg: Config) -> None:
     if m.name_or_path == "tiny":
         _check_tiny(cfg)
     _check_output_dir(cfg.output_dir)
+    try:
+        check_report_to(t.report_to)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check_device(t.device)
     _check_precision(cfg)
     _check_algorithm(cfg, ALGORITHMS[cfg.algorithm])
