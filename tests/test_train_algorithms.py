@@ -65,7 +65,8 @@ def test_outputs_exist_and_load(tmp_path):
     assert load_config(os.path.join(out, "config.yaml")) == cfg
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-2"]
     ck = os.path.join(out, "checkpoints", "step-2")
-    assert {"model.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "algorithm.pt"} <= set(
+    assert {"model.safetensors", "optimizer.safetensors", "scheduler.json", "rng.json", "trainer_state.json",
+            "algorithm.safetensors", "manifest.json"} <= set(
         os.listdir(ck))
     for p in ("loss.png", "reward_margins.png", "reward_accuracy.png"):
         assert os.path.getsize(os.path.join(out, "plots", p)) > 1000

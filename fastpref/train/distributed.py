@@ -9,7 +9,8 @@ The trainer drives one :class:`Parallel` object (from :func:`make_parallel`) thr
 and through ``save_checkpoint`` / ``load_checkpoint`` / ``final_state`` for files. The backends:
 
 * :class:`Parallel` (one process, or torchrun DDP): gradients averaged over ranks with one flattened all-reduce,
-  then ``clip_grad_norm_`` and AdamW; rank 0 writes ``model.pt`` / ``optimizer.pt`` / ``scheduler.pt``.
+  then ``clip_grad_norm_`` and AdamW; rank 0 writes the ``model`` / ``optimizer`` / ``scheduler`` (and fp16
+  ``scaler``) states (safetensors + JSON, ``fastpref.train.checkpoint``).
 * :class:`FSDPParallel` (``train.fsdp``): ``torch.distributed.fsdp.fully_shard`` (FSDP2) on every decoder layer
   and on the root model. The root group holds the embedding, the final norm and the LM head (tied or not). The
   fused losses read ``get_output_embeddings().weight`` outside any module forward, and the trainer runs the
@@ -23,8 +24,11 @@ and through ``save_checkpoint`` / ``load_checkpoint`` / ``final_state`` for file
   set by hand (the number of micro-batches is the algorithm's), one ``engine.step()`` per optimizer step
   (reduction, clipping, AdamW, schedule). ZeRO-3: the LM head weight is all-gathered after the decoder's forward
   and stays gathered through the loss's backward, until ZeRO-3 releases it (after the tied embedding's backward,
-  at the latest when its optimizer step partitions every parameter). Checkpoints through ``engine.save_checkpoint`` (every rank writes its shard: the output directory must be
-  shared), ``final/`` from the consolidated 16-bit state (ZeRO-3) or rank 0's model (ZeRO-1/2).
+  at the latest when its optimizer step partitions every parameter). Checkpoints: every rank writes its ZeRO
+  partition (the ZeRO optimizer's ``state_dict()``) in fastpref's own format (``deepspeed/zero-rank-R``; the
+  output directory must be shared), rank 0 the module (ZeRO-1/2), schedule and engine counters; resume loads them
+  back through the ZeRO optimizer's ``load_state_dict``, as ``engine.load_checkpoint`` would, without DeepSpeed's
+  pickled checkpoint files. ``final/`` from the consolidated 16-bit state (ZeRO-3) or rank 0's model (ZeRO-1/2).
 
 The trainer calls the decoder and the head directly (never ``engine.forward``), so the DeepSpeed backend does the
 bookkeeping ``engine.forward`` does for ZeRO (``clear_backward_seen_flag`` before a forward, the backward
@@ -233,8 +237,8 @@ class Parallel:
         self.scaler = grad_scaler(cfg, device)
         """``torch.amp.GradScaler`` of ``train.precision=fp16-mixed`` (None otherwise): ``backward`` scales the loss,
         ``step`` unscales, clips and skips steps with inf/nan gradients. Its ``state_dict()`` (scale, growth
-        tracker) is part of the resumable state: checkpoints must save it and resume must restore it
-        (``self.scaler.load_state_dict``) when it is not None -- NOTE for save_checkpoint / load_checkpoint."""
+        tracker) is part of the resumable state: checkpoints save it and resume restores it
+        (:meth:`_save_schedule` / :meth:`_load_schedule`)."""
         self._scale = self.scaler.get_scale() if self.scaler is not None else None  # no sync before the first step
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -288,17 +292,43 @@ class Parallel:
 
     # ---- files
     def save_checkpoint(self, tmp: str) -> None:
-        """Write the model, optimizer and schedule state into the checkpoint directory ``tmp`` (called on every
-        rank; ``tmp`` exists)."""
+        """Write the model, optimizer and schedule state (and the fp16 gradient scaler's) into the checkpoint
+        directory ``tmp`` (called on every rank; ``tmp`` exists), as ``fastpref.train.checkpoint`` states."""
+        from fastpref.train.checkpoint import save_state
+
         if self.rank == 0:
-            torch.save(trainable_state(self.model), os.path.join(tmp, "model.pt"))
-            torch.save(self.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            torch.save(self.sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            save_state(tmp, "model", trainable_state(self.model))
+            save_state(tmp, "optimizer", self.opt.state_dict())
+        self._save_schedule(tmp)
 
     def load_checkpoint(self, path: str) -> None:
-        load_trainable_state(self.model, torch.load(os.path.join(path, "model.pt"), map_location=self.device))
-        self.opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device))
-        self.sched.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
+        """Inverse of :meth:`save_checkpoint` (every rank reads the files)."""
+        from fastpref.train.checkpoint import load_state
+
+        load_trainable_state(self.model, load_state(path, "model", self.device))
+        self.opt.load_state_dict(load_state(path, "optimizer", self.device))
+        self._load_schedule(path)
+
+    def _save_schedule(self, tmp: str) -> None:
+        """Rank 0: the schedule's state and, with ``train.precision=fp16-mixed``, the gradient scaler's (scale,
+        growth tracker)."""
+        from fastpref.train.checkpoint import save_state
+
+        if self.rank == 0:
+            save_state(tmp, "scheduler", self.sched.state_dict())
+            if self.scaler is not None:
+                save_state(tmp, "scaler", self.scaler.state_dict())
+
+    def _load_schedule(self, path: str) -> None:
+        from fastpref.train.checkpoint import CheckpointError, load_state
+
+        self.sched.load_state_dict(load_state(path, "scheduler"))
+        if self.scaler is not None:
+            if not os.path.exists(os.path.join(path, "scaler.json")):
+                raise CheckpointError(f"{path}: no scaler state (the fp16 gradient scaler of train.precision="
+                                      "fp16-mixed)")
+            self.scaler.load_state_dict(load_state(path, "scaler"))
+            self._scale = self.scaler.get_scale()
 
     def final_state(self) -> dict[str, torch.Tensor] | None:
         """The full weights for ``final/`` (called on every rank); None: the model's own state is complete."""
@@ -396,22 +426,25 @@ class FSDPParallel(Parallel):
     def save_checkpoint(self, tmp: str) -> None:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+        from fastpref.train.checkpoint import save_state
+
         model_sd = self._full_model_state()
         opt_sd = get_optimizer_state_dict(self.model, self.opt, options=self._options())
         if self.rank == 0:
-            torch.save(model_sd, os.path.join(tmp, "model.pt"))
-            torch.save(opt_sd, os.path.join(tmp, "optimizer.pt"))
-            torch.save(self.sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            save_state(tmp, "model", model_sd)
+            save_state(tmp, "optimizer", opt_sd)
+        self._save_schedule(tmp)
 
     def load_checkpoint(self, path: str) -> None:
         from torch.distributed.checkpoint import state_dict as dsd
 
+        from fastpref.train.checkpoint import load_state
+
         opts = dsd.StateDictOptions(full_state_dict=True)  # every rank reads the full files and keeps its shard
         self._reshard_all()
-        dsd.set_model_state_dict(self.model, torch.load(os.path.join(path, "model.pt")), options=opts)
-        dsd.set_optimizer_state_dict(self.model, self.opt, torch.load(os.path.join(path, "optimizer.pt")),
-                                     options=opts)
-        self.sched.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
+        dsd.set_model_state_dict(self.model, load_state(path, "model"), options=opts)
+        dsd.set_optimizer_state_dict(self.model, self.opt, load_state(path, "optimizer"), options=opts)
+        self._load_schedule(path)
 
     def final_state(self) -> dict[str, torch.Tensor]:
         state = self._full_model_state()
@@ -492,13 +525,61 @@ class DeepSpeedParallel(Parallel):
         return None if norm is None else float(norm)
 
     def save_checkpoint(self, tmp: str) -> None:
-        self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", save_latest=False)
+        """Every rank: its ZeRO partition (``deepspeed/zero-rank-R``: the ZeRO optimizer's ``state_dict()``, its
+        loss scaler as plain attributes, without the name -> fragment map only universal checkpoints use); rank 0:
+        the module (ZeRO-1/2; under ZeRO-3 the fp32 partitions hold the weights), the schedule and the engine's
+        step counters. What ``engine.save_checkpoint`` keeps, in fastpref's format."""
+        from fastpref.train.checkpoint import save_state
+
+        sd = dict(self.engine.optimizer.state_dict())
+        sd["loss_scaler"] = {k: v for k, v in vars(sd["loss_scaler"]).items()
+                             if v is None or isinstance(v, (bool, int, float))}
+        sd["zero_stage"] = int(sd["zero_stage"])
+        sd.pop("param_slice_mappings", None)
+        save_state(os.path.join(tmp, "deepspeed"), f"zero-rank-{self.rank}", sd)
+        if self.rank == 0:
+            if self.stage < 3:
+                save_state(tmp, "model", trainable_state(self.model))
+            e = self.engine
+            save_state(tmp, "engine", {"stage": self.stage, "world": self.world, "global_steps": e.global_steps,
+                                       "global_samples": e.global_samples, "skipped_steps": e.skipped_steps})
+        self._save_schedule(tmp)
 
     def load_checkpoint(self, path: str) -> None:
-        load_path, _ = self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}/deepspeed")
+        """Inverse of :meth:`save_checkpoint`, in the order of ``engine.load_checkpoint``: module, schedule,
+        counters, then every rank's ZeRO partition list through the ZeRO optimizer's ``load_state_dict``
+        (``load_from_fp32_weights`` as the engine's config says), between ZeRO-3's checkpoint prologue and
+        epilogue."""
+        import copy
+
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        from fastpref.train.checkpoint import CheckpointError, load_state
+
+        e, opt = self.engine, self.engine.optimizer
+        counters = load_state(path, "engine")
+        if (counters.get("stage"), counters.get("world")) != (self.stage, self.world):
+            raise CheckpointError(f"{path}/engine.json: written by ZeRO-{counters.get('stage')} on "
+                                  f"{counters.get('world')} processes; this run is ZeRO-{self.stage} on {self.world}")
+        if e._optimizer_has_ckpt_event_prologue():
+            opt.checkpoint_event_prologue()
+        if self.stage < 3:
+            load_trainable_state(self.model, load_state(path, "model", self.device))
+        self._load_schedule(path)
+        e.global_steps, e.global_samples = counters["global_steps"], counters["global_samples"]
+        e.skipped_steps = counters["skipped_steps"]
+        parts = []
+        for r in range(self.world):  # every rank's partition, as engine.load_checkpoint reads them
+            sd = load_state(os.path.join(path, "deepspeed"), f"zero-rank-{r}", self.device)
+            scaler = copy.copy(opt.loss_scaler)
+            for k, v in sd["loss_scaler"].items():
+                if hasattr(scaler, k):
+                    setattr(scaler, k, v)
+            sd["loss_scaler"], sd["zero_stage"] = scaler, ZeroStageEnum(sd["zero_stage"])
+            parts.append(sd)
+        opt.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=e.zero_load_from_fp32_weights())
+        if e._optimizer_has_ckpt_event_epilogue():
+            opt.checkpoint_event_epilogue()
 
     def final_state(self) -> dict[str, torch.Tensor] | None:
         if self.stage != 3:

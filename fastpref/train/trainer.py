@@ -12,8 +12,10 @@ With ``train.sft_warmup_steps = W > 0`` steps ``1..W`` run SFT on the chosen res
 ``train.sft_warmup_lr``), then the reference is taken from the warmed-up policy and the main algorithm runs with
 its own warm-up + cosine/linear schedule. Checkpoints (``checkpoints/step-N``) are written to a temporary
 directory and renamed into place, and hold the trainable weights, optimizer, scheduler, RNG states, the step
-(= data position), the algorithm's state and a copied reference; ``resume=auto`` restarts from the newest one and
-truncates ``metrics.jsonl`` to it, so the continued run ends with the same weights and metrics.
+(= data position), the algorithm's state and the reference (a copy's weights, a precomputed cache); ``resume=auto``
+restarts from the newest intact one and truncates ``metrics.jsonl`` to it, so the continued run ends with the same
+weights and metrics. Their format (safetensors + JSON, a manifest of checksums), what may change on resume, and
+which files in ``output_dir`` fastpref may delete: ``fastpref.train.checkpoint``.
 
 Scale-out (``fastpref.train.distributed``, ``docs/distributed.md``): launched by ``torchrun`` or ``deepspeed``
 (``WORLD_SIZE`` set), each step's global batch is ``batch_size * grad_accum * world_size`` rows and rank ``r``
@@ -21,8 +23,8 @@ trains on its contiguous share, so the update equals a single process running ``
 micro-batches of the same rows. The backend object (``self.par``) owns what differs: plain DDP averages the
 gradients with one flattened all-reduce; ``train.fsdp`` shards the model with FSDP2 and keeps the LM head gathered
 for the fused losses; ``train.deepspeed`` hands AdamW and the schedule to a DeepSpeed ZeRO engine. Checkpoints and
-``final/`` hold full weights (DeepSpeed: its own sharded checkpoint). Logged metrics are averaged over ranks;
-rank 0 writes files.
+``final/`` hold full weights (DeepSpeed checkpoints: each rank's ZeRO partition). Logged metrics are averaged over
+ranks; rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -40,12 +42,15 @@ import torch
 
 from fastpref.data.dataset import (DataError, LoadReport, Tokenization, identical_pairs, load_examples,
                                    split_examples)
+from fastpref.train import checkpoint as ckpt
 from fastpref.train.algorithms.base import ALGORITHMS, Algorithm, Runtime, load_builtin_algorithms
-from fastpref.train.config import Config, ConfigError, check_device_available, dump_config, validate_config
+from fastpref.train.config import Config, config_to_dict, ConfigError, check_device_available, dump_config, validate_config
 from fastpref.train.distributed import all_reduce_mean, init_process_group, make_parallel, parallel_kind
 from fastpref.train.modeling import build_model, build_tokenizer, check_logits
 from fastpref.train.precision import Precision
-from fastpref.train.reference import Reference, cache_key
+from fastpref.train.reference import Reference, cache_key, weights_sha256
+from fastpref.train.schedule import lr_lambda
+from fastpref.train.reporting import Reporter, check_report_to
 
 log = logging.getLogger("fastpref.train")
 
@@ -101,27 +106,6 @@ def _set_rng_state(st: dict) -> None:
     np.random.set_state(st["numpy"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _lr_lambda(cfg: Config, total_steps: int):
-    o, t = cfg.optim, cfg.train
-    warm = t.sft_warmup_steps
-    warm_scale = (t.sft_warmup_lr if t.sft_warmup_lr is not None else o.lr) / o.lr
-
-    def fn(done: int) -> float:  # ``done`` optimizer steps taken so far
-        if done < warm:
-            return warm_scale
-        s, total = done - warm, max(1, total_steps - warm)
-        if o.warmup_steps and s < o.warmup_steps:
-            return (s + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        frac = min(1.0, (s - o.warmup_steps) / max(1, total - o.warmup_steps))
-        shape = 0.5 * (1 + math.cos(math.pi * frac)) if o.schedule == "cosine" else 1.0 - frac
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
-
-    return fn
-
 
 
 def _tokens(examples: list[dict]) -> int:
@@ -241,23 +225,13 @@ class Trainer:
         gbs = t.batch_size * t.grad_accum * self.world
         return t.sft_warmup_steps + t.epochs * max(1, len(self.train_ex) // gbs)
 
-    # ---- checkpoints
-    def _ckpt_dirs(self) -> list[tuple[int, str]]:
-        root = os.path.join(self.out, _CKPT)
-        if not os.path.isdir(root):
-            return []
-        out = []
-        for name in os.listdir(root):
-            if name.startswith("step-") and name[5:].isdigit() and os.path.exists(
-                    os.path.join(root, name, "trainer_state.json")):
-                out.append((int(name[5:]), os.path.join(root, name)))
-        return sorted(out)
-
+    # ---- checkpoints (format, verification and what may change on resume: fastpref.train.checkpoint)
     def _save(self, step: int) -> None:
         root = os.path.join(self.out, _CKPT)
         final = os.path.join(root, f"step-{step}")
         tmp = os.path.join(root, f".tmp-step-{step}")
         if self.rank == 0:
+            self.rundir.own(_CKPT)
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         self._barrier()
@@ -267,20 +241,19 @@ class Trainer:
         if self.rank != 0:
             self._barrier()
             return
-        torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
-        torch.save({"main": self.algo.state_dict(), "reference": ref_state},
-                   os.path.join(tmp, "algorithm.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
+        ckpt.save_state(tmp, "rng", _rng_state())
+        ckpt.save_state(tmp, "algorithm", {"main": self.algo.state_dict(), "reference": ref_state})
+        with open(os.path.join(tmp, ckpt.TRAINER_STATE), "w") as fh:
             json.dump({"step": step, "data_position": step * self.cfg.train.batch_size * self.cfg.train.grad_accum,
-                       "reference_taken": self.ref_taken,
-                       "identity": _identity(self.cfg, self.par.checkpoint_format)}, fh)
-        if os.path.exists(final):
-            shutil.rmtree(final)
+                       "reference_taken": self.ref_taken, **self.snapshot}, fh)
+        ckpt.write_manifest(tmp)  # last: every file with its size and sha256
+        if os.path.exists(final) and not ckpt.remove_checkpoint(final, self.say):
+            raise ckpt.CheckpointError(f"{final}: cannot be replaced: it holds files fastpref did not write")
         os.replace(tmp, final)
         keep = self.cfg.train.keep_checkpoints
         if keep:
-            for _, old in self._ckpt_dirs()[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            for _, old in ckpt.checkpoint_dirs(root)[:-keep]:
+                ckpt.remove_checkpoint(old, self.say)
         self._barrier()
 
     def _barrier(self) -> None:
@@ -289,41 +262,24 @@ class Trainer:
 
             dist.barrier()
 
-    def _resume_from(self) -> str | None:
-        r = self.cfg.resume
-        if r == "none":
-            return None
-        if r == "auto":
-            dirs = self._ckpt_dirs()
-            return dirs[-1][1] if dirs else None
-        if not os.path.exists(os.path.join(r, "trainer_state.json")):
-            raise ConfigError(f"resume={r!r}: not a checkpoint directory (no trainer_state.json)")
-        return r
-
-    def _check_identity(self, path: str) -> None:
-        """Refuse a checkpoint written with another model / data / algorithm (before anything is overwritten)."""
-        with open(os.path.join(path, "trainer_state.json")) as fh:
-            st = json.load(fh)
-        mine = _identity(self.cfg, self.par.checkpoint_format)
-        for k, v in st.get("identity", {}).items():
-            if mine.get(k) != v:
-                raise ConfigError(f"resume: checkpoint {path} was written with {k}={v!r}, this run has "
-                                  f"{k}={mine.get(k)!r} (use resume=none or another output_dir)")
-
-    def _load(self, path: str) -> int:
-        with open(os.path.join(path, "trainer_state.json")) as fh:
-            st = json.load(fh)
-        self.par.load_checkpoint(path)
-        algo_state = torch.load(os.path.join(path, "algorithm.pt"), map_location=self.device, weights_only=False)
-        self.algo.load_state_dict(algo_state["main"])
-        self.ref_taken = st["reference_taken"]
-        if self.ref_taken:
-            if self.reference.mode == "copy":
-                self._copy_reference()
-                self.reference.load_state_dict(algo_state["reference"])
-            elif self.reference.mode == "precompute":
-                self._precompute()
-        _set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
+    def _load(self, resume: ckpt.Resume) -> int:
+        """Restore the verified checkpoint ``resume`` (every rank); returns its step."""
+        path, st = resume.path, resume.state
+        try:
+            self.par.load_checkpoint(path)
+            algo_state = ckpt.load_state(path, "algorithm", self.device)
+            self.algo.load_state_dict(algo_state["main"])
+            self.ref_taken = st["reference_taken"]
+            if self.ref_taken:
+                if self.reference.mode == "copy":
+                    self._copy_reference()
+                self.reference.load_state_dict(algo_state["reference"])  # a copy's weights, a precomputed cache
+            _set_rng_state(ckpt.load_state(path, "rng"))
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            if isinstance(e, (ConfigError, torch.OutOfMemoryError)):
+                raise
+            raise ckpt.CheckpointError(f"resume: {path} does not fit this run ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
         return st["step"]
 
     # ---- reference
@@ -331,8 +287,10 @@ class Trainer:
         cfg = self.cfg
         parts = {"model": dataclass_dict(cfg.model), "train": dataclass_dict(cfg.train),
                  "optim": dataclass_dict(cfg.optim), "data": dataclass_dict(cfg.data)}
-        key = cache_key(parts, self.train_ex + self.eval_ex)
+        key = cache_key(parts, self.train_ex + self.eval_ex, weights=weights_sha256(self.model), data=self.data_fp)
         cache_dir = cfg.reference.cache_dir or os.path.join(self.out, "ref_cache")
+        if self.rank == 0 and not cfg.reference.cache_dir:
+            self.rundir.own("ref_cache")
         if self.world > 1:  # every rank computes (FSDP / ZeRO-3 forwards are collectives) and writes its own file
             cache_dir = os.path.join(cache_dir, f"rank-{self.rank}")
         with self.amp.autocast():
@@ -379,17 +337,7 @@ class Trainer:
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def _truncate_metrics(self, step: int) -> None:
-        if not os.path.exists(self.metrics_path):
-            return
-        with open(self.metrics_path) as fh:
-            keep = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        with open(self.metrics_path, "w") as fh:
-            fh.writelines(keep)
+            self.tb.log(record)
 
     # ---- the run
     def run(self) -> RunResult:
@@ -413,18 +361,22 @@ class Trainer:
         ref_mode = self._reference_mode(algo_cls)
         self.par.check_reference(ref_mode)
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
-        resume_path = self._resume_from()
-        if resume_path is not None:
-            self._check_identity(resume_path)
+        self.data_fp = ckpt.data_fingerprint(cfg, self.train_ex + self.eval_ex)
+        self.snapshot = ckpt.run_snapshot(cfg, self.par.checkpoint_format, self.world, self.data_fp)
+        # which checkpoint (verified, with fallback), config changes, a finished run, may output_dir be written:
+        # decided (by rank 0, for every rank) reading only, before anything is written
+        plan = ckpt.plan_start(cfg, self.snapshot, self._total_steps(), self.say, rank=self.rank, world=self.world)
+        self.rundir = plan.rundir
+        if plan.finished is not None:
+            self.say(plan.finished)
+            return RunResult(self.rundir.finished["step"], {}, {}, time.time() - t0, self.out)
+        self._barrier()
         if self.rank == 0:
-            os.makedirs(self.out, exist_ok=True)
+            self.rundir.start(fresh=plan.resume is None)  # a fresh start clears fastpref's own outputs only
             with open(os.path.join(self.out, "config.yaml"), "w") as fh:
                 fh.write(dump_config(cfg))
-            if resume_path is None and cfg.resume in ("none", "auto"):
-                if os.path.exists(self.metrics_path):
-                    os.remove(self.metrics_path)
-                shutil.rmtree(os.path.join(self.out, _CKPT), ignore_errors=True)
-                shutil.rmtree(os.path.join(self.out, "tensorboard"), ignore_errors=True)
+            self.rundir.own("config.yaml")
+            self.rundir.own("metrics.jsonl")
         self._barrier()
 
         self._build_model = lambda: build_model(cfg, tokenizer, algo_cls.model_kind, say=self.say)
@@ -435,7 +387,7 @@ class Trainer:
         self.model.train()
         self.reference = Reference(ref_mode, self.model)
         rt = Runtime(cfg=cfg, model=self.model, tokenizer=tokenizer, device=self.device, reference=self.reference,
-                     extras={"train_examples": self.train_ex})
+                     extras={"train_examples": self.train_ex}, total_steps=self._total_steps())
         try:
             self.algo = algo_cls(cfg, rt)
         except ValueError as e:  # a loss option the loss rejects (e.g. an unknown loss.type)
@@ -445,29 +397,30 @@ class Trainer:
         o = cfg.optim
         self.opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         total = self._total_steps()
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, total))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, total))
         n_params = sum(p.numel() for p in params)
         self.par.attach(self.opt, self.sched)
         self.ref_taken = False
         start = 0
-        if resume_path is not None:
-            start = self._load(resume_path)
+        if plan.resume is not None:
+            start = self._load(plan.resume)
+            if ckpt.schedule_changed(plan.changes):  # a new optim.lr / schedule / length takes effect now
+                ckpt.retarget_lr(self.sched, o.lr)
             if self.rank == 0:
-                self._truncate_metrics(start)
-            self.say(f"resumed from {resume_path} (step {start})")
+                ckpt.truncate_metrics(self.metrics_path, start, self.say)
+            self.say(f"resumed from {plan.resume.path} (step {start})")
+            if plan.changes:
+                self.say("resume: changed since the checkpoint, in effect from now on: " + "; ".join(plan.changes))
         warm = cfg.train.sft_warmup_steps
         if not self.ref_taken and start >= warm:
             self._take_reference()
         self.algo.on_train_start()
 
-        self.tb = None
+        self.tb = None  # the run's trackers (train.report_to), rank 0 only; metrics.jsonl is always written
         if self.rank == 0:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(self.out, "tensorboard"))
-            except ImportError:
-                pass
+            self.tb = Reporter(check_report_to(cfg.train.report_to), self.out, config=config_to_dict(cfg),
+                               run_name=os.path.basename(os.path.abspath(self.out)), start_step=start,
+                               own=self.rundir.own)
         if not self.quiet and self.rank == 0:
             from tqdm.auto import tqdm
 
@@ -516,6 +469,9 @@ class Trainer:
                 dt = max(time.time() - t_window, 1e-9)
                 rec["tokens_per_s"] = tok_count / dt
                 tok_count, t_window = 0, time.time()
+                from fastpref.train.diagnostics import observe  # warnings + diag/* flags (docs/trainer.md)
+
+                rec.update(observe(self, rec, step))
                 self._write(rec)
                 last_train = rec
                 if self._bar is not None:
@@ -547,11 +503,13 @@ class Trainer:
             self._barrier()
             return RunResult(total, last_train, last_eval, time.time() - t0, self.out)
         self._save_final(tokenizer, state, self.algo)
+        self.rundir.finish(total, self.snapshot)  # a rerun of the same command says it is finished
         self._barrier()
         if cfg.train.plots:
             from fastpref.train.plots import plot_metrics
 
-            plot_metrics(self.metrics_path, os.path.join(self.out, "plots"))
+            plots = os.path.join(self.out, "plots")
+            self.rundir.own("plots", [os.path.relpath(p, plots) for p in plot_metrics(self.metrics_path, plots)])
         secs = time.time() - t0
         acc = last_eval.get("eval/rewards/accuracies", last_eval.get("eval/accuracy"))
         if acc is not None:
@@ -576,30 +534,19 @@ class Trainer:
             self._bar = None
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
     def _save_final(self, tokenizer, state: dict | None, algo: Algorithm) -> None:
         final = os.path.join(self.out, "final")
         tmp = os.path.join(self.out, ".tmp-final")
+        self.rundir.own(".tmp-final")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp, **({} if state is None else {"state_dict": state}))
         tokenizer.save_pretrained(tmp)
         algo.save_final(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        self.rundir.own("final", ckpt.files_below(tmp))  # recorded before the rename: the marker never lags
+        shutil.rmtree(final, ignore_errors=True)  # (plan_start refused a final/ holding files fastpref did not write)
         os.replace(tmp, final)
-
-
-def _identity(cfg: Config, checkpoint_format: str) -> dict:
-    """Config values a checkpoint must agree with to be resumed (flattened ``key: value``), and the checkpoint
-    format of the parallel backend (``plain`` for one process and DDP, ``fsdp``, ``deepspeed``)."""
-    from fastpref.train.config import config_to_dict
-
-    d = config_to_dict(cfg)
-    flat = {"algorithm": d["algorithm"], "train.seed": cfg.train.seed, "train.batch_size": cfg.train.batch_size,
-            "train.grad_accum": cfg.train.grad_accum, "train.sft_warmup_steps": cfg.train.sft_warmup_steps}
-    flat.update({f"model.{k}": v for k, v in d["model"].items()})
-    flat.update({f"data.{k}": v for k, v in d["data"].items()})
-    flat["checkpoint_format"] = checkpoint_format
-    return json.loads(json.dumps(flat))
 
 
 def dataclass_dict(obj) -> dict:

@@ -31,7 +31,7 @@ How an on-line algorithm (``fastpref/train/online/*``: grpo, ppo, online_dpo, ..
    Put timings (``time/generate``...) into ``self.step_metrics``; the trainer logs them with the step.
 4. **State**: everything that must survive a resume (round index, replay buffer, a refreshed reference's
    weights, RNG of the sampler) goes in :meth:`state_dict` / :meth:`load_state_dict`; the trainer saves it in
-   every checkpoint (``algorithm.pt``) and restores it before the first step after a resume.
+   every checkpoint (``algorithm.safetensors`` + ``algorithm.json``, see ``fastpref.train.checkpoint``) and restores it before the first step after a resume.
 5. **Reference**: ``self.rt.reference`` is a :class:`fastpref.train.reference.Reference` (``copy``,
    ``lora_base``, ``precompute`` or ``none``) with ``sequence_logps(batch)``; ``Reference.refresh(model)``
    copies the current policy into a ``copy`` reference (iterative methods).
@@ -196,7 +196,7 @@ class Algorithm:
         """Called after each optimizer step (``step`` counts from 1)."""
 
     def state_dict(self) -> dict:
-        """Resumable state (saved in each checkpoint as ``algorithm.pt``)."""
+        """Resumable state: tensors, numbers, strings, lists and dicts (saved in each checkpoint as safetensors + JSON)."""
         return {}
 
     def save_final(self, directory: str) -> None:
