@@ -1,4 +1,4 @@
-"""The ``fastpref`` command: ``train``, ``bench``, ``info``.
+"""The ``fastpref`` command: ``train``, ``eval``, ``bench``, ``info``.
 
 Sub-commands import their machinery lazily so ``fastpref info`` stays fast and works without extras.
 """
@@ -8,10 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-USAGE = """usage: fastpref {train,bench,info} ...
+USAGE = """usage: fastpref {train,eval,bench,info} ...
 
   fastpref train [CONFIG.yaml] [key=value ...]   train (no arguments: the embedded tiny demo; --demo key=value ...
                                                  for the demo with overrides)
+  fastpref eval [CONFIG.yaml | --model DIR --data FILE] [--mode reference|urial|opo] [--reward NAME] ...
+                                                 preference accuracy, margin, win rate, length and KL of a policy
+                                                 against its reference or a tuning-free baseline (docs/eval.md)
   fastpref bench [--quick] [--op OP] ...         microbenchmarks of every kernel vs the alternatives
   fastpref info                                  versions, device, and which implementation each op uses
 """
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastpref.train.cli import main as train_main
 
         return train_main(rest)
+    if cmd == "eval":
+        from fastpref.eval import main as eval_main
+
+        return eval_main(rest)
     if cmd == "bench":
         from fastpref.benchmarks.runner import main as bench_main
 

@@ -12,6 +12,7 @@ import torch
 from fastpref.data.collate import collate_single
 from fastpref.losses.preference import KTO_LOSS_TYPES
 from fastpref.train.algorithms.base import Algorithm, register_algorithm
+from fastpref.train.diagnostics import labelled_length_metrics
 from fastpref.train.modeling import decoder_hidden, lm_head, logit_transform, sequence_logps
 
 
@@ -71,4 +72,4 @@ class KTO(Algorithm):
                                      kl=z0, **kw)
         if z0 is not None:
             metrics["kl"] = z0.detach()
-        return loss, metrics
+        return loss, {**metrics, **labelled_length_metrics(batch)}  # lengths/*: per-token diagnostics

@@ -11,6 +11,7 @@ from __future__ import annotations
 from fastpref.data.collate import collate_preference, split_pairs
 from fastpref.losses.preference import CPO_LOSS_TYPES, DPO_LOSS_TYPES
 from fastpref.train.algorithms.base import Algorithm, register_algorithm
+from fastpref.train.diagnostics import paired_length_metrics
 from fastpref.train.modeling import decoder_hidden, lm_head, logit_transform
 
 
@@ -35,7 +36,8 @@ class _Paired(Algorithm):
             kw["ref_logps"] = split_pairs(self.rt.reference.sequence_logps(batch), batch)
         hidden = decoder_hidden(self.rt.model, batch)
         w, b = lm_head(self.rt.model)
-        return self.loss_fn(hidden, w, batch["targets"], bias=b, **kw)
+        loss, metrics = self.loss_fn(hidden, w, batch["targets"], bias=b, **kw)
+        return loss, {**metrics, **paired_length_metrics(batch)}  # lengths/*: per-token diagnostics
 
 
 @register_algorithm("dpo")
