@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_resume import _metrics  # metrics.jsonl records without the timing field
 
 from fastpref.train.cli import embedded_default
 from fastpref.train.config import ConfigError, load_config
@@ -87,12 +86,6 @@ def _cfg(out, precision, *extra):
                               "train.sft_warmup_steps=1", f"train.precision={precision}", *extra],
                        base=embedded_default())
 
-
-def _metrics(out):
-    recs = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
-    for r in recs:
-        r.pop("tokens_per_s", None)
-    return recs
 
 
 @pytest.mark.slow
