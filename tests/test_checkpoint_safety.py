@@ -397,15 +397,15 @@ def test_a_finished_run_is_not_retrained(tmp_path, capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert f"the run in {out} is finished (step 4, final/ written); nothing to do" in text
-    assert "larger train.max_steps (it continues from checkpoint step-2)" in text
+    assert "larger train.max_steps (it continues from checkpoint step-4)" in text  # the last step is checkpointed
     assert os.stat(final).st_mtime_ns == stamp and (out / "metrics.jsonl").read_text() == metrics
     # a changed immutable setting is still refused, not "finished"
     assert main(argv + ["loss.beta=0.3"]) == 2
     assert "loss.beta: 0.1 -> 0.3" in capsys.readouterr().err
-    # extending it resumes from the last checkpoint
+    # extending it resumes from where it ended
     assert main(argv[:-1] + ["train.max_steps=6", "train.log_every=1", "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "(step 2)" in text and "train.max_steps: 4 -> 6" in text
+    assert "(step 4)" in text and "train.max_steps: 4 -> 6" in text
     assert os.stat(final).st_mtime_ns != stamp and _records(out)[-1]["step"] == 6
 
 

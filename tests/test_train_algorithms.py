@@ -63,7 +63,7 @@ def test_outputs_exist_and_load(tmp_path):
     assert {"step", "loss", "rewards/accuracies", "rewards/margins", "lr"} <= set(recs[-2])
     assert "eval/rewards/accuracies" in recs[-1] and recs[-1]["step"] == 4
     assert load_config(os.path.join(out, "config.yaml")) == cfg
-    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-2"]
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-2", "step-4"]  # the last step too
     ck = os.path.join(out, "checkpoints", "step-2")
     assert {"model.safetensors", "optimizer.safetensors", "scheduler.json", "rng.json", "trainer_state.json",
             "algorithm.safetensors", "manifest.json"} <= set(

@@ -284,7 +284,8 @@ class TrainLoopConfig:
     trackio]`` (any of them), ``none``, ``all`` (every installed one); null: tensorboard when installed. Each is an
     optional extra (``fastpref[wandb]``...); see ``fastpref.train.reporting``."""
     save_every: int = ranged(0, ">= 0")
-    """Write ``checkpoints/step-N`` every N steps; 0: only ``final/``."""
+    """Write ``checkpoints/step-N`` every N steps and at the last step (so a longer ``train.max_steps`` continues
+    from the end); 0: only ``final/``."""
     keep_checkpoints: int = ranged(2, ">= 0")
     """Checkpoints kept (oldest are removed); 0 keeps all."""
     seed: int = ranged(0, ">= 0")

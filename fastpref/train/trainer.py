@@ -489,7 +489,8 @@ class Trainer:
                     self._write({"step": step, "phase": "eval", **ev})
                     last_eval = ev
                     self.say(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total:
+            if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == total):  # the last one: a longer
+                # train.max_steps later continues from the end, not from the last periodic checkpoint
                 self._save(step)
             if self._bar is not None:
                 self._bar.update(1)
