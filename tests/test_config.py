@@ -115,3 +115,28 @@ def test_every_example_config_loads():
     for p in paths:
         cfg = load_config(p)
         assert cfg.output_dir.startswith("runs/"), p
+
+
+def test_a_section_the_algorithm_does_not_read_is_named_when_it_was_set(caplog):
+    """``examples/online_dpo.yaml algorithm=dice``: the YAML's online_dpo settings would not reach dice; one
+    warning names the section and the settings. A dumped config.yaml (every section at its defaults) says nothing."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fastpref.config"):
+        load_config("examples/online_dpo.yaml", ["algorithm=dice"])
+    assert any("the online_dpo: section is ignored (algorithm=dice reads only its own dice: section)" in r.message
+               and "online_dpo.steps_per_iteration" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastpref.config"):
+        load_config("examples/online_dpo.yaml")
+    assert not [r for r in caplog.records if "section is ignored" in r.message]
+
+
+def test_a_dumped_config_loads_without_section_warnings(tmp_path, caplog):
+    import logging
+
+    p = tmp_path / "config.yaml"
+    p.write_text(dump_config(Config(algorithm="dpo")))
+    with caplog.at_level(logging.WARNING, logger="fastpref.config"):
+        load_config(str(p))
+    assert not [r for r in caplog.records if "section is ignored" in r.message]

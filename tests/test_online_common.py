@@ -261,13 +261,11 @@ def test_generation_config_errors():
     ("examples/grpo_arith.yaml", ["data.pack=true", "grpo.beta=0.05", "reference.mode=copy"]),
     ("examples/ppo_arith.yaml", []),
     ("examples/online_dpo.yaml", []),
-    ("examples/online_dpo.yaml", ["algorithm=dice", "dice.generation.max_new_tokens=2"]),
-    ("examples/online_dpo.yaml", ["algorithm=self_rewarding", "self_rewarding.generation.max_new_tokens=2",
-                                  "self_rewarding.judge_max_new_tokens=2"]),
     ("examples/online_dpo.yaml", ["algorithm=spin", "data.train_files=[examples/data/arith_sft.jsonl]",
                                   "spin.generation.max_new_tokens=2", "spin.reward=arith"]),
-    ("examples/online_dpo.yaml", ["algorithm=apo", "data.train_files=[examples/data/arith_sft.jsonl]",
-                                  "apo.generation.max_new_tokens=2"]),
+    # dice, self_rewarding, apo, ilr_dpo: their own examples, run in tests/test_online_loops.py (dice from a policy
+    # equal to its reference, self_rewarding with 2-token judgements and apo without preference data now stop
+    # with a one-line can't-learn / config error, as their papers' methods cannot run so)
 ])
 def test_every_algorithm_runs_through_the_trainer(tmp_path, config, overrides):
     """``fastpref train CONFIG`` end to end (3 steps, checkpoint, held-out eval, final model) for every method."""

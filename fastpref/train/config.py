@@ -906,6 +906,14 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, *, 
             _set_dotted(cfg, k, v)
             state["set"].add(k)
     _apply_trl_deferred(cfg, state)
+    for name in sorted({k.split(".", 1)[0] for k in state["set"]} & set(cfg.sections) - {cfg.algorithm}):
+        sec = cfg.sections[name]
+        changed = [f.name for f in dataclasses.fields(sec) if getattr(sec, f.name) != getattr(type(sec)(), f.name)]
+        if changed:  # e.g. `online_dpo.yaml algorithm=dice`: the YAML's online_dpo settings do not reach dice
+            state["notes"][f"section:{name}"] = (
+                f"config: the {name}: section is ignored (algorithm={cfg.algorithm} reads only its own "
+                f"{cfg.algorithm}: section); not applied: {', '.join(f'{name}.{c}' for c in changed)}")
+            log.warning(state["notes"].pop(f"section:{name}"))
     for note in state["notes"].values():
         log.info(note)
         if notes is not None:

@@ -1,6 +1,7 @@
 """Pieces shared by every on-line method: the algorithm base (rollout, scoring, timing, round state), per-token
-log-probs through the fused LM-head op, best/worst pairing, the replay buffer, judge-score parsing and the DPO
-update on generated pairs.
+log-probs through the fused LM-head op, best/worst pairing, the replay buffer, judge-score parsing, the DPO
+update on generated pairs, the iteration machinery of the self-improvement loops (a frozen M_t builds each
+iteration's dataset once; ``PairDPOAlgorithm``) and the can't-learn signals (``score_signal``, ``CannotLearn``).
 
 An on-line algorithm is a :class:`fastpref.train.algorithms.base.Algorithm` whose ``micro_batches`` runs the
 rollout (generate with the KV cache), the scorer and whatever needs no gradient (old-policy and reference
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -24,8 +26,9 @@ import torch
 from fastpref.losses.fused_preference import FusedLinearDPOLoss
 from fastpref.losses.preference import DPO_LOSS_TYPES, dpo_loss
 from fastpref.ops import linear_logprobs, segment_sum
-from fastpref.rewards import get_reward_fn, score_rewards
+from fastpref.rewards import get_reward_fn, is_messages, score_rewards
 from fastpref.train.algorithms.base import Algorithm
+from fastpref.train.config import ConfigError
 from fastpref.train.modeling import lm_head, logit_transform
 from fastpref.train.rollout import GenerationConfig, PackedBatch, Rollout, generate, pack, policy_hidden, timed
 
@@ -151,12 +154,22 @@ _SCORE_LINE = re.compile(r"score\s*(?:is|[:=])?\s*(-?\d+(?:\.\d+)?)(?:\s*/\s*(\d
 _ANY_NUM = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def parse_judge_score(text: str, max_score: float = 5.0) -> float | None:
+_PAPER_SCORE = re.compile(r"Score:[ \t]*(\d+(?:\.\d+)?)")
+
+
+def parse_judge_score(text: str, max_score: float = 5.0, *, require_score_line: bool = False) -> float | None:
     """The score in an LLM judge's answer, or None when there is none in ``[0, max_score]``.
 
-    Takes the last ``Score: x`` (also ``score = x``, ``score is x``, ``Score: x/5``, any case); without one, the
-    last number of the text. A fraction ``x/d`` with ``d != max_score`` is rescaled to ``max_score``.
+    ``require_score_line=True`` (Self-Rewarding, Yuan et al. 2024, whose judge prompt ends with 'Conclude with the
+    score using the format: "Score: <total points>"'): only the last ``Score: N`` counts (that exact spelling, as
+    the reference parsers' ``Score: ([0-9.]+)``); anything else is no score. Otherwise, lenient: the last
+    ``Score: x`` (also ``score = x``, ``score is x``, ``Score: x/5``, any case); without one, the last number of the
+    text. A fraction ``x/d`` with ``d != max_score`` is rescaled to ``max_score``.
     """
+    if require_score_line:
+        hits = _PAPER_SCORE.findall(text)
+        val = float(hits[-1]) if hits else None
+        return val if val is not None and 0.0 <= val <= max_score else None
     hits = _SCORE_LINE.findall(text)
     if hits:
         num, den = hits[-1]
@@ -263,15 +276,20 @@ class OnlineAlgorithm(Algorithm):
         return ro
 
     def score(self, ro: Rollout, examples: list[dict]) -> torch.Tensor:
-        """Rewards ``[len(ro)]`` of the reward function (timed as ``score``); extra row fields are columns."""
+        """Rewards ``[len(ro)]`` of the reward function (timed as ``score``), called as TRL's GRPOTrainer calls
+        one (``fastpref.rewards.call_reward``): the other row fields are columns; a conversational row passes its
+        prompt messages (and the completions as assistant messages)."""
         if self.reward_fn is None:
             raise ValueError(f"{self.name}: no reward function configured ({self.name}.reward)")
         G = ro.group_size
         rows = [ex.get("row", {}) for ex in examples]
-        keys = sorted({k for r in rows for k in r if k != "prompt"})
+        keys = sorted({k for r in rows for k in r if k not in ("prompt", "completion", "completion_ids")})
         cols = {k: [r.get(k) for r in rows for _ in range(G)] for k in keys}
+        chats = [r.get("prompt") for r in rows]
+        prompts = [p for p in chats for _ in range(G)] if chats and all(map(is_messages, chats)) else ro.prompts
         with timed(self._timings, "score"):
-            return score_rewards(self.reward_fn, ro.prompts, ro.completions, cols, group_size=G)
+            return score_rewards(self.reward_fn, prompts, ro.completions, cols, completion_ids=ro.completion_ids,
+                                 group_size=G)
 
     def reuse_rollout(self, examples: list[dict], uses: int, build) -> list[dict]:
         """``build(examples)`` (rollout -> micro-batches) every ``uses`` steps, the buffered micro-batches in
@@ -351,6 +369,31 @@ class OnlineAlgorithm(Algorithm):
         self._buffer, self._uses_left = state["buffer"], state["uses_left"]
 
 
+# --------------------------------------------------------------------------------------------- can't-learn signals
+
+def score_signal(scores: list[float | None], group_size: int) -> dict[str, tuple[int, int]]:
+    """What in a step's (or an iteration's) scores gives nothing to learn, as ``{what: (count, total)}``:
+    ``zero-variance groups`` (groups whose scored samples all scored the same, or with fewer than two scored),
+    ``constant reward`` (every scored sample the same value: ``(n, n)``, else absent) and ``unscored samples``
+    (e.g. unparseable judgements; absent when there are none)."""
+    groups = [[v for v in scores[g:g + group_size] if v is not None] for g in range(0, len(scores), group_size)]
+    out = {"zero-variance groups": (sum(len(set(g)) < 2 for g in groups), len(groups))}
+    valid = [v for g in groups for v in g]
+    if valid and len(set(valid)) == 1:
+        out["constant reward"] = (len(valid), len(valid))
+    if len(valid) < len(scores):
+        out["unscored samples"] = (len(scores) - len(valid), len(scores))
+    return out
+
+
+_WARN_ANY = ("unscored samples", "unparseable judgements")  # warned about at any count, not only when complete
+
+
+class CannotLearn(ConfigError):
+    """A whole iteration had nothing to learn from (no pair, every group tied, a constant reward, no parseable
+    judgement); a ``ConfigError``, so the CLI prints it as one line."""
+
+
 # --------------------------------------------------------------------------------------------- DPO on pairs
 
 @dataclass
@@ -366,6 +409,14 @@ class PairDPOConfig(OnlineConfig):
     length_alpha: float = 0.0
     """Length regularisation: R-DPO's ``alpha`` (Park et al. 2024; ``dpo_loss(rdpo_alpha=...)`` adds
     ``alpha * (|y_w| - |y_l|)`` to the pair logit, so length alone earns no margin); 0: off."""
+    reference_path: str | None = None
+    """Initial reference weights: a local Hugging Face model directory of the policy's architecture (e.g. the SFT
+    model a DPO policy was trained from; the policy itself is ``model.name_or_path``). None: the policy's own
+    starting weights. Iterative methods replace the reference by the policy after each iteration."""
+    iteration_prompts: int | None = None
+    """Methods with a frozen generator per iteration (spin, self_rewarding, dice, apo, ilr_dpo): prompts of the
+    training split that M_t answers when the iteration starts (a seeded draw, without repeats until the split is
+    used up). None: ``steps_per_iteration * train.batch_size``, the prompts the iteration's steps stand for."""
 
     def validate(self) -> None:
         super().validate()
@@ -375,33 +426,174 @@ class PairDPOConfig(OnlineConfig):
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not (isinstance(self.steps_per_iteration, int) and self.steps_per_iteration >= 1):
             raise ValueError(f"steps_per_iteration must be an int >= 1, got {self.steps_per_iteration!r}")
+        if self.iteration_prompts is not None and not (isinstance(self.iteration_prompts, int)
+                                                       and self.iteration_prompts >= 1):
+            raise ValueError(f"iteration_prompts must be null or an int >= 1, got {self.iteration_prompts!r}")
         one = torch.zeros(1)  # let the loss reject bad option combinations now, not at the first step
         dpo_loss(one, one, one, one, beta=self.beta, loss_type=self.loss_type, chosen_lengths=one + 1,
                  rejected_lengths=one + 1, rdpo_alpha=self.length_alpha)
 
 
+def load_causal_lm(path: str, like: torch.nn.Module, what: str) -> torch.nn.Module:
+    """A causal LM from a local directory, in ``like``'s dtype and device, checked to have ``like``'s parameter
+    names and shapes (one-line error otherwise)."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise ValueError(f"{what}={path!r}: no such directory")
+    p0 = next(like.parameters())
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=p0.dtype).to(p0.device)
+    want = {k: v.shape for k, v in like.state_dict().items()}
+    got = {k: v.shape for k, v in m.state_dict().items()}
+    if want != got:
+        bad = sorted(set(want.items()) ^ set(got.items()))[:1]
+        raise ValueError(f"{what}={path!r}: not the policy's architecture (first difference: {bad})")
+    return m
+
+
+def load_preference_pairs(cfg, tokenizer, files: list[str]) -> list[Pair]:
+    """The (prompt, chosen, rejected) pairs of preference files (any preference format of ``fastpref.data``,
+    tokenised as the trainer tokenises its data: ``data.max_length``, truncation, chat template)."""
+    from fastpref.data.dataset import Tokenization, load_examples
+
+    d = cfg.data
+    tok = Tokenization(tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                       truncation=d.truncation, chat_template=d.chat_template)
+    exs = load_examples(list(files), "preference", tok, fmt="auto", on_bad_row=d.on_bad_row)
+    return [Pair(list(e["prompt_ids"]), list(e["chosen_ids"]), list(e["rejected_ids"])) for e in exs]
+
+
 class PairDPOAlgorithm(OnlineAlgorithm):
-    """Base of online DPO, Self-Rewarding, SPIN, DICE and APO: make pairs from generations, train DPO on them
-    (``FusedLinearDPOLoss`` on the interleaved packed pairs: hidden states + LM head, no logits) against a
+    """Base of online DPO, Self-Rewarding, SPIN, DICE, APO and iLR-DPO: make pairs from generations, train DPO on
+    them (``FusedLinearDPOLoss`` on the interleaved packed pairs: hidden states + LM head, no logits) against a
     reference that is refreshed to the current policy every ``steps_per_iteration`` steps.
 
-    Subclasses implement ``make_pairs(examples) -> list[Pair]``. A step with no pair (every group tied) trains
-    nothing: ``compute_loss`` returns a zero loss and ``pairs/count = 0`` is logged.
+    Two schemes, one machinery:
+
+    * on-line (``iterative = False``, online DPO): ``make_pairs(examples)`` on every step's prompts, generated
+      by the current policy;
+    * the papers' iterations (``iterative = True``): when iteration t starts, the policy as it is then (M_t:
+      nothing has trained it yet in this iteration, so it is frozen for what follows) answers
+      ``iteration_prompts`` prompts of the training split and ``build_iteration(prompts) -> list[Pair]`` makes
+      the iteration's whole dataset once (generations, judgements, mixing); the iteration's steps then train on
+      consecutive shuffled slices of it (the trainer's batch only paces the steps). The dataset and the
+      position in it are in the checkpointed state.
+
+    Can't-learn signals: every step (on-line) or every iteration dataset (iterative) is checked with
+    ``score_signal``; a step with no pair, every group tied, a constant reward or unparseable judgements logs a
+    warning with the counts at that step (metrics ``signal/<what>``), and when it lasts a whole iteration
+    (the iterative dataset has no pair; or every on-line step of the iteration had none) training stops with a
+    one-line ``CannotLearn`` error.
     """
 
     needs_reference = True
+    iterative = False
 
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
         sec = self.sec
         self.loss_fn = FusedLinearDPOLoss(beta=sec.beta, loss_type=sec.loss_type, rdpo_alpha=sec.length_alpha,
                                           **logit_transform(rt.model).kwargs())
+        if sec.reference_path and not os.path.isdir(sec.reference_path):
+            raise ValueError(f"{self.name}.reference_path={sec.reference_path!r}: no such directory")
+        self._started = False  # the reference is taken by the trainer after construction: start at step 1
+        self._iter_data: list[Pair] | None = None  # the iteration's dataset (iterative scheme)
+        self._iter_step = 0  # steps taken in the current iteration
+        self._empty_steps = 0  # on-line steps of this iteration without a pair
+        self._step = 0
+        self._signal_counts: dict = {}
+        self._fresh_pairs: int | None = None
 
+    def report_signal(self, counts: dict[str, tuple[int, int]], fresh_pairs: int | None = None) -> None:
+        """Subclasses: the ``score_signal`` counts of this step / iteration, and (when the dataset also holds
+        pairs that were not generated, e.g. DICE's offline pairs) how many pairs were generated."""
+        self._signal_counts, self._fresh_pairs = counts, fresh_pairs
+
+    def _take_signal(self):
+        out = (self._signal_counts, self._fresh_pairs)
+        self._signal_counts, self._fresh_pairs = {}, None
+        return out
+
+    # ---- pairs of a step
     def make_pairs(self, examples: list[dict]) -> list[Pair]:
+        """On-line scheme: the pairs of one step's prompts."""
         raise NotImplementedError
 
+    def build_iteration(self, prompts: list[dict]) -> list[Pair]:
+        """Iterative scheme: the whole dataset of the iteration that starts, made by the policy as it is now."""
+        raise NotImplementedError
+
+    def iteration_prompt_examples(self, examples: list[dict]) -> list[dict]:
+        """The prompts M_t answers: ``iteration_prompts`` (default ``steps_per_iteration * len(examples)``) of
+        the training split (``rt.extras["train_examples"]``, else the step's examples), in a seeded order that
+        goes through the split before repeating."""
+        pool = self.rt.extras.get("train_examples") or examples
+        n = self.sec.iteration_prompts or self.sec.steps_per_iteration * len(examples)
+        out: list[dict] = []
+        while len(out) < n:
+            order = list(range(len(pool)))
+            self.rng.shuffle(order)
+            out += [pool[i] for i in order[:n - len(out)]]
+        return out
+
+    def chunks(self, items: list) -> list[list]:
+        """``items`` in generation-sized chunks (``train.batch_size``)."""
+        b = max(1, self.cfg.train.batch_size)
+        return [items[i:i + b] for i in range(0, len(items), b)]
+
+    def signal(self, counts: dict[str, tuple[int, int]], pairs: int, *, whole_iteration: bool) -> None:
+        """Log ``signal/<what>`` for each count and warn, at this step, about what gives nothing to learn:
+        no pair, every group tied, a constant reward (each when complete), unscored samples (any); with
+        ``whole_iteration`` (an iteration's dataset) a complete one raises ``CannotLearn``."""
+        counts = dict(counts)
+        counts["pairs"] = (pairs, counts.get("zero-variance groups", (0, pairs))[1])
+        for what, (c, _) in counts.items():
+            self.step_metrics[f"signal/{what.replace(' ', '_')}"] = float(c)
+        bad = {w: (c, t) for w, (c, t) in counts.items()
+               if (w == "pairs" and c == 0) or (w != "pairs" and t and (c == t or (w in _WARN_ANY and c)))}
+        if not bad:
+            return
+        where = f"iteration {self.round}'s dataset" if whole_iteration else f"step {self._step}"
+        text = "; ".join("no pair" if w == "pairs" else f"{w}: {c}/{t}" for w, (c, t) in bad.items())
+        full = [w for w, (c, t) in bad.items() if w == "pairs" or c == t]
+        if whole_iteration and "pairs" in bad:
+            raise CannotLearn(f"{self.name}: nothing to learn for a whole iteration ({where}: {text})")
+        log.warning("%s: %s: %s", self.name, where, text + (" (nothing to learn at this step)" if full else ""))
+
+    # ---- the step
+    def step_pairs(self, examples: list[dict]) -> list[Pair]:
+        if not self.iterative:
+            pairs = self.make_pairs(examples)
+            self.signal(self._take_signal()[0], len(pairs), whole_iteration=False)
+            self._empty_steps += not pairs
+            return pairs
+        if self._iter_step == 0 or self._iter_data is None:
+            with timed(self._timings, "build_iteration"):
+                data = self.build_iteration(self.iteration_prompt_examples(examples))
+            counts, fresh = self._take_signal()
+            self.signal(counts, len(data) if fresh is None else fresh, whole_iteration=True)
+            self.rng.shuffle(data)
+            self._iter_data = data
+            self.step_metrics["iteration/pairs"] = float(len(data))
+        per = -(-len(self._iter_data) // self.sec.steps_per_iteration)
+        k = self._iter_step % self.sec.steps_per_iteration
+        return self._iter_data[k * per:(k + 1) * per]
+
+    def start(self) -> None:
+        """Once, at the first step (the trainer takes the reference after building the algorithm; a resumed run
+        has it from the checkpoint): the reference <- ``reference_path``."""
+        if self.sec.reference_path:
+            ref = self.ref_module()
+            ref.load_state_dict(load_causal_lm(self.sec.reference_path, ref,
+                                               f"{self.name}.reference_path").state_dict())
+
     def micro_batches(self, examples: list[dict], step: int) -> list[dict]:
-        pairs = self.make_pairs(examples)
+        if not self._started:
+            self.start()
+            self._started = True
+        self._step = step
+        pairs = self.step_pairs(examples)
+        self._iter_step += 1
         self.step_metrics["pairs/count"] = float(len(pairs))
         if not pairs:
             self.no_signal("no usable pair in this step (every group's completions scored the same)")
@@ -434,6 +626,22 @@ class PairDPOAlgorithm(OnlineAlgorithm):
         self.step_metrics["round"] = float(self.round)
 
     def end_iteration(self) -> None:
-        """Reference <- current policy; next round."""
+        """Reference <- current policy (M_{t+1}); next round. On-line: an iteration whose every step had no pair
+        is an error."""
+        if not self.iterative and self._empty_steps >= self.sec.steps_per_iteration:
+            raise CannotLearn(f"{self.name}: nothing to learn for a whole iteration (iteration {self.round}: no pair "
+                              f"in any of its {self._empty_steps} steps)")
         self.rt.reference.refresh(self.rt.model)
         self.round += 1
+        self._iter_step, self._empty_steps, self._iter_data = 0, 0, None
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd.update({"iter_data": self._iter_data, "iter_step": self._iter_step, "empty_steps": self._empty_steps,
+                   "started": self._started})
+        return sd
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._iter_data, self._iter_step = state.get("iter_data"), state.get("iter_step", 0)
+        self._empty_steps, self._started = state.get("empty_steps", 0), state.get("started", self._started)

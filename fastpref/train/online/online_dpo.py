@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fastpref.rewards import RewardModelScorer
 from fastpref.train.algorithms.base import register_algorithm
-from fastpref.train.online.common import Pair, PairDPOAlgorithm, PairDPOConfig, metrics_float, rollout_pairs
+from fastpref.train.online.common import (Pair, PairDPOAlgorithm, PairDPOConfig, metrics_float, rollout_pairs,
+                                          score_signal)
+from fastpref.train.rollout import Rollout
 
 
 @dataclass
@@ -43,9 +47,22 @@ class OnlineDPO(PairDPOAlgorithm):
         if self.sec.generation.num_generations < 2:
             raise ValueError("online_dpo needs generation.num_generations >= 2 (a best and a worst sample)")
 
-    def make_pairs(self, examples: list[dict]) -> list[Pair]:
-        ro = self.rollout(examples)
-        scores = self.score(ro, examples)
-        self.step_metrics.update(metrics_float({"reward/mean": scores.mean(), "reward/std": scores.std(),
+    def scored_rollout(self, examples: list[dict]) -> tuple[Rollout, list[float]]:
+        """K samples per prompt of ``examples`` (in generation-sized chunks) and their rewards."""
+        parts, scores = [], []
+        for chunk in self.chunks(examples):
+            ro = self.rollout(chunk)
+            parts.append(ro)
+            scores += self.score(ro, chunk).tolist()
+        return Rollout.concat(parts), scores
+
+    def pairs_of(self, ro: Rollout, scores: list[float]) -> list[Pair]:
+        """Best-vs-worst pairs, with the reward metrics and the can't-learn counts of these samples."""
+        t = torch.tensor(scores)
+        self.step_metrics.update(metrics_float({"reward/mean": t.mean(), "reward/std": t.std(),
                                                 "completion/mean_length": ro.lengths().float().mean()}))
-        return rollout_pairs(ro, scores.tolist())
+        self.report_signal(score_signal(scores, ro.group_size))
+        return rollout_pairs(ro, scores)
+
+    def make_pairs(self, examples: list[dict]) -> list[Pair]:
+        return self.pairs_of(*self.scored_rollout(examples))

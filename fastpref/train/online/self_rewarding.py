@@ -1,31 +1,62 @@
-"""Self-Rewarding language models (Yuan et al. 2024, arXiv:2401.10020): the policy judges its own samples.
+"""Self-Rewarding language models (Yuan, Pang, Cho, Li, Sukhbaatar, Xu, Weston 2024, arXiv:2401.10020; no official
+code; the prompt and the "Score: N" parsing as in lucidrains/self-rewarding-lm-pytorch).
 
-Per step: ``generation.num_generations`` (K) samples per prompt; each is scored by the policy itself through an
-LLM-as-a-judge prompt (``judge_template`` with ``{prompt}`` and ``{response}``; by default an additive 5-point
-rubric in the spirit of the paper's, written for this project), ``judge_samples`` judgements per response averaged
-(the paper uses 3), parsed robustly by ``parse_judge_score`` (``Score: x``, ``x/5``, the last number; out of
-range or missing -> no score). Highest vs lowest scored sample of each prompt (ties and unscored samples give no
-pair), DPO against the reference, which becomes the current policy every ``steps_per_iteration`` steps (the
-paper's M_t -> M_{t+1}). Metrics: ``judge/parse_rate``, ``judge/mean_score``.
+The paper's iteration t (M_t -> M_{t+1}): the model M_t (frozen: the iteration's dataset is built before it
+trains) samples ``generation.num_generations`` (the paper: N = 4, T = 0.7, top-p 0.9) responses for each of
+``iteration_prompts`` prompts, judges each response itself ``judge_samples`` times (the paper: 3, averaged) with
+the paper's LLM-as-a-judge prompt (Figure 2: the additive 5-point rubric, reproduced in
+``DEFAULT_JUDGE_TEMPLATE``), rendered through the tokenizer's chat template when it has one; a judgement counts
+only when it has the paper's ``Score: N`` line (``parse_judge_score(require_score_line=True)``; no other number is
+taken; unparseable judgements are counted in ``judge/unparseable`` and warned about). The highest- and the
+lowest-scored response of a prompt make a pair (ties and unscored responses give none), and M_{t+1} is trained
+with DPO against the reference M_t.
+
+EFT (the paper's evaluation fine-tuning data, judge prompt -> judgement with a score line): with ``eft_files``
+(SFT rows, prompt + completion), iteration 0 is the paper's M_0 -> M_1 supervised step on them (the NLL of the
+judgements) and the self-rewarding iterations start at iteration 1 (the IFT part of the paper's M_1 data is
+assumed done: the policy given is instruction-tuned). Deviations: docs/online.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 
+import torch
+
+from fastpref.ops import segment_sum
 from fastpref.train.algorithms.base import register_algorithm
-from fastpref.train.online.common import (Pair, PairDPOAlgorithm, PairDPOConfig, parse_judge_score, rollout_pairs)
-from fastpref.train.rollout import GenerationConfig, encode, generate
+from fastpref.train.online.common import (Pair, PairDPOAlgorithm, PairDPOConfig, micro_batch, parse_judge_score,
+                                          rollout_pairs, score_signal, token_logps)
+from fastpref.train.rollout import GenerationConfig, Rollout, encode, generate, pack, timed
 
+# Yuan et al. 2024, Figure 2 (the LLM-as-a-Judge prompt), with {prompt} / {response} for <INSTRUCTION_HERE> /
+# <RESPONSE_HERE>.
 DEFAULT_JUDGE_TEMPLATE = (
-    "Rate the response to the user's request below on an additive scale of 0 to 5 points:\n"
-    "- add 1 point if the response is relevant to the request, even if incomplete;\n"
-    "- add 1 point if it addresses a substantial part of the request;\n"
-    "- add 1 point if it answers the basic question usefully;\n"
-    "- add 1 point if it is clear, direct and well organised;\n"
-    "- add 1 point if it is accurate, complete and could not easily be improved.\n\n"
-    "Request: {prompt}\nResponse: {response}\n\n"
-    "Briefly justify the total, then end with the line \"Score: <points>\".\n")
+    "Review the user's question and the corresponding response using the additive 5-point\n"
+    "scoring system described below. Points are accumulated based on the satisfaction of each\n"
+    "criterion:\n"
+    "- Add 1 point if the response is relevant and provides some information related to\n"
+    "the user's inquiry, even if it is incomplete or contains some irrelevant content.\n"
+    "- Add another point if the response addresses a substantial portion of the user's question,\n"
+    "but does not completely resolve the query or provide a direct answer.\n"
+    "- Award a third point if the response answers the basic elements of the user's question in a\n"
+    "useful way, regardless of whether it seems to have been written by an AI Assistant or if it\n"
+    "has elements typically found in blogs or search results.\n"
+    "- Grant a fourth point if the response is clearly written from an AI Assistant's perspective,\n"
+    "addressing the user's question directly and comprehensively, and is well-organized and\n"
+    "helpful, even if there is slight room for improvement in clarity, conciseness or focus.\n"
+    "- Bestow a fifth point for a response that is impeccably tailored to the user's question\n"
+    "by an AI Assistant, without extraneous information, reflecting expert knowledge, and\n"
+    "demonstrating a high-quality, engaging, and insightful answer.\n\n"
+    "User: {prompt}\n"
+    "<response>{response}</response>\n\n"
+    "After examining the user's instruction and the response:\n"
+    "- Briefly justify your total score, up to 100 words.\n"
+    "- Conclude with the score using the format: \"Score: <total points>\"\n"
+    "Remember to assess from the AI Assistant perspective, utilizing web search knowledge as\n"
+    "necessary. To evaluate the response in alignment with this additive scoring model, we'll\n"
+    "systematically attribute points based on the outlined criteria.")
 
 
 @dataclass
@@ -33,17 +64,19 @@ class SelfRewardingConfig(PairDPOConfig):
     """Self-Rewarding settings."""
 
     reward: str | None = None
-    """Only for the held-out reward metric (e.g. ``arith``); training uses the policy's own judgements."""
+    """Only for the held-out reward metric (e.g. ``arith``); training uses the model's own judgements."""
     judge_template: str = DEFAULT_JUDGE_TEMPLATE
-    """Judge prompt with ``{prompt}`` and ``{response}`` placeholders."""
-    judge_max_new_tokens: int = 64
-    """Longest judgement."""
+    """Judge prompt with ``{prompt}`` and ``{response}`` placeholders (default: the paper's Figure 2)."""
+    judge_max_new_tokens: int = 256
+    """Longest judgement (the prompt asks for up to 100 words and the score line)."""
     judge_temperature: float = 0.7
     """Sampling temperature of the judge."""
-    judge_samples: int = 1
-    """Judgements per response (averaged over the parseable ones)."""
+    judge_samples: int = 3
+    """Judgements per response, averaged over the parseable ones (the paper: 3)."""
     max_score: float = 5.0
     """Top of the rubric's scale; parsed scores outside ``[0, max_score]`` are discarded."""
+    eft_files: list[str] = field(default_factory=list)
+    """EFT data (SFT rows: judge prompt -> judgement ending in ``Score: N``); iteration 0 trains on them."""
 
     def validate(self) -> None:
         super().validate()
@@ -58,29 +91,90 @@ class SelfRewardingConfig(PairDPOConfig):
 
 @register_algorithm("self_rewarding")
 class SelfRewarding(PairDPOAlgorithm):
-    """The policy samples, judges its samples, and trains DPO on its highest- vs lowest-judged sample."""
+    """M_t samples, judges its samples 3 times each, and M_{t+1} trains DPO on its highest- vs lowest-judged."""
 
     config_class = SelfRewardingConfig
+    iterative = True
+
+    def __init__(self, cfg, rt):
+        super().__init__(cfg, rt)
+        self.eft: list[dict] = []
+        if self.sec.eft_files:
+            from fastpref.data.dataset import Tokenization, load_examples
+
+            d = cfg.data
+            tok = Tokenization(rt.tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                               truncation=d.truncation, chat_template=d.chat_template)
+            self.eft = load_examples(list(self.sec.eft_files), "sft", tok, on_bad_row=d.on_bad_row)
+            if not self.eft:
+                raise ValueError(f"self_rewarding.eft_files={self.sec.eft_files}: no rows")
+            random.Random(cfg.train.seed).shuffle(self.eft)  # files mixed (e.g. IFT + EFT rows) over the steps
+
+    def judge_prompt(self, prompt: str, response: str) -> str:
+        """The judge prompt, through the tokenizer's chat template (one user turn) when it has one."""
+        text = self.sec.judge_template.format(prompt=prompt, response=response)
+        tok = self.rt.tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        return text
 
     def judge(self, prompts: list[str], responses: list[str]) -> list[float | None]:
-        """The policy's mean parsed score of each response (None when no judgement parses)."""
+        """The model's mean parsed score of each response over ``judge_samples`` judgements (None when none
+        parses); ``judge/unparseable`` counts the judgements without a ``Score: N`` line."""
         sec, tok = self.sec, self.rt.tokenizer
-        texts = [sec.judge_template.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
-        jro = generate(self.rt.model, tok, [encode(tok, t) for t in texts], sec.judge_generation(), prompts=texts)
-        self._timings["judge"] = self._timings.get("judge", 0.0) + jro.timings.get("generate", 0.0)
-        n = sec.judge_samples
-        out = []
-        for i in range(len(texts)):
-            vals = [parse_judge_score(t, sec.max_score) for t in jro.completions[i * n:(i + 1) * n]]
-            vals = [v for v in vals if v is not None]
-            out.append(sum(vals) / len(vals) if vals else None)
+        texts = [self.judge_prompt(p, r) for p, r in zip(prompts, responses)]
+        n, out, bad = sec.judge_samples, [], 0
+        for chunk in self.chunks(list(range(len(texts)))):
+            ts = [texts[i] for i in chunk]
+            jro = generate(self.rt.model, tok, [encode(tok, t) for t in ts], sec.judge_generation(), prompts=ts)
+            self._timings["judge"] = self._timings.get("judge", 0.0) + jro.timings.get("generate", 0.0)
+            for i in range(len(ts)):
+                vals = [parse_judge_score(t, sec.max_score, require_score_line=True)
+                        for t in jro.completions[i * n:(i + 1) * n]]
+                bad += sum(v is None for v in vals)
+                vals = [v for v in vals if v is not None]
+                out.append(sum(vals) / len(vals) if vals else None)
+        self.step_metrics["judge/unparseable"] = float(bad)
+        self.step_metrics["judge/judgements"] = float(n * len(texts))
         return out
 
-    def make_pairs(self, examples: list[dict]) -> list[Pair]:
-        ro = self.rollout(examples)
+    def build_iteration(self, prompts: list[dict]) -> list[Pair]:
+        if self.eft and self.round == 0:
+            return []  # iteration 0 is the supervised step on the EFT data (micro_batches)
+        ro = Rollout.concat([self.rollout(chunk) for chunk in self.chunks(prompts)])
         scores = self.judge(ro.prompts, ro.completions)
         valid = [s for s in scores if s is not None]
         self.step_metrics["judge/parse_rate"] = len(valid) / len(scores)
         if valid:
             self.step_metrics["judge/mean_score"] = sum(valid) / len(valid)
+        counts = score_signal(scores, ro.group_size)
+        bad, total = int(self.step_metrics["judge/unparseable"]), int(self.step_metrics["judge/judgements"])
+        counts.pop("unscored samples", None)
+        if bad:
+            counts["unparseable judgements"] = (bad, total)
+        self.report_signal(counts)
         return rollout_pairs(ro, scores)
+
+    # ---- EFT: iteration 0 trains the NLL of the judgements
+    def micro_batches(self, examples: list[dict], step: int) -> list[dict]:
+        if not (self.eft and self.round == 0):
+            return super().micro_batches(examples, step)
+        self._step = step
+        per = -(-len(self.eft) // self.sec.steps_per_iteration)
+        k = self._iter_step % self.sec.steps_per_iteration
+        self._iter_step += 1
+        exs = self.eft[k * per:(k + 1) * per] or self.eft[:per]
+        with timed(self._timings, "pack"):
+            batch = pack([e["prompt_ids"] for e in exs], [e["completion_ids"] for e in exs], self.device)
+        self.step_metrics["eft/examples"] = float(len(exs))
+        self.begin_train_phase(batch.input_ids.numel())
+        return [micro_batch(batch, eft=True)]
+
+    def compute_loss(self, batch: dict):
+        if not batch.get("eft"):
+            return super().compute_loss(batch)
+        packed = batch["packed"]
+        nll = -segment_sum(token_logps(self.rt.model, packed, pad_id=self.pad_id), packed.cu_seqlens)
+        loss = nll.sum() / packed.completion_lengths.sum().clamp(min=1)
+        return loss, {"eft/nll": loss.detach()}

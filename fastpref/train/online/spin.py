@@ -1,12 +1,16 @@
-"""SPIN, self-play fine-tuning (Chen et al. 2024, arXiv:2401.01335), from SFT data only.
+"""SPIN, self-play fine-tuning (Chen, Deng, Yuan, Ji, Gu 2024, "Self-Play Fine-Tuning Converts Weak Language Models
+to Strong Language Models", arXiv:2401.01335; reference implementation github.com/uclaml/SPIN), from SFT data.
 
-Each pair is the gold response (chosen) against the *opponent's* generation (rejected) for the same prompt; the
-opponent is the previous iterate, i.e. the frozen reference, which is also the DPO reference. The loss is the DPO
-form of ``fastpref.losses.preference.spin_loss`` (computed fused, by ``FusedLinearDPOLoss``; ``loss_type`` sigmoid
-= the paper's logistic loss, hinge its other choice). Every ``steps_per_iteration`` steps the reference/opponent
-becomes the current policy. Pairs whose generation equals the gold response carry no gradient and are dropped
-(counted in ``spin/identical``). The paper generates the whole SFT set once per iteration; here the opponent
-generates for each step's prompts, which is the same distribution (the opponent is frozen within an iteration).
+The paper's iteration t: the opponent p_{theta_t} (the model at the start of the iteration, frozen: the
+iteration's dataset is built before it trains) generates one response for each prompt of ``iteration_prompts``
+SFT rows; each pair is the gold response (chosen, "real") against the opponent's generation (rejected,
+"generated"); the new model is trained with the SPIN loss against the reference = the opponent, and becomes the
+next opponent. The loss is the DPO form of ``fastpref.losses.preference.spin_loss`` (computed fused by
+``FusedLinearDPOLoss``; ``loss_type`` sigmoid = the paper's logistic loss, hinge its other choice). Data mixing
+as in the paper's experiments: from iteration 1 on, the iteration's pairs are joined by the previous
+iteration's pairs (``mix_previous``: the synthetic data of iterations t and t-1; uclaml/SPIN's scripts were not
+read for this module). Pairs whose generation equals the gold response carry no gradient and
+are dropped (counted in ``spin/identical``).
 """
 
 from __future__ import annotations
@@ -34,18 +38,39 @@ class SPINConfig(PairDPOConfig):
 
     reward: str | None = None
     """Only for the held-out reward metric (e.g. ``arith``); SPIN itself needs no reward."""
+    mix_previous: bool = True
+    """Iteration t >= 1 also trains on iteration t-1's pairs (the paper / uclaml/SPIN); false: only its own."""
 
 
 @register_algorithm("spin")
 class SPIN(PairDPOAlgorithm):
-    """Gold vs the previous iterate's generation; DPO-form SPIN loss."""
+    """Gold vs the frozen opponent's generation, iteration by iteration; DPO-form SPIN loss."""
 
     config_class = SPINConfig
     data_kind = "sft"
+    iterative = True
 
-    def make_pairs(self, examples: list[dict]) -> list[Pair]:
-        ro = self.rollout(examples, model=self.ref_module(), num_generations=1)
-        pairs, same = spin_pairs([ex["prompt_ids"] for ex in examples], [ex["completion_ids"] for ex in examples],
-                                 ro.completion_ids)
+    def __init__(self, cfg, rt):
+        super().__init__(cfg, rt)
+        self._previous: list[Pair] = []
+
+    def build_iteration(self, prompts: list[dict]) -> list[Pair]:
+        pairs, same = [], 0
+        for chunk in self.chunks(prompts):  # the policy now is the opponent p_theta_t (nothing trained it yet)
+            ro = self.rollout(chunk, num_generations=1)
+            p, s = spin_pairs([ex["prompt_ids"] for ex in chunk], [ex["completion_ids"] for ex in chunk],
+                              ro.completion_ids)
+            pairs, same = pairs + p, same + s
         self.step_metrics["spin/identical"] = float(same)
-        return pairs
+        self.report_signal({"generations equal to the gold response": (same, len(prompts))}, len(pairs))
+        mixed = pairs + (self._previous if self.sec.mix_previous else [])
+        self.step_metrics["spin/previous_pairs"] = float(len(mixed) - len(pairs))
+        self._previous = pairs
+        return mixed
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "previous": list(self._previous)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._previous = list(state["previous"])
