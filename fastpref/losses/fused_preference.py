@@ -1,7 +1,7 @@
 """Preference losses straight from the last hidden states and the LM head (the "fused" forms).
 
 One base, :class:`FusedLinearPreferenceLoss`, runs every loss on ``fastpref.ops.fused_linear_chunked_loss`` (the
-"eager" engine of DESIGN.md): the tokens are cut into chunks of whole pairs (whole sequences for KTO) with
+"eager" engine): the tokens are cut into chunks of whole pairs (whole sequences for KTO) with
 ``plan_chunks``; for each chunk the engine forms one ``[chunk, V]`` logits tile, the per-token log-probs, and
 calls back here, where they are summed per sequence and handed to the *plain* loss of
 ``fastpref.losses.preference`` with ``reduction="none"``; the engine differentiates that small function and forms

@@ -2,7 +2,7 @@
 
 The ``[tokens, vocab]`` logits tensor is never materialised. Forward keeps only ``logp``, ``lse`` (and the
 entropy) per token; backward recomputes the logits chunk by chunk and turns the per-token upstream gradient
-``g_t = dL/dlogp_t`` into ``dhidden``, ``dweight`` and ``dbias`` (DESIGN.md, the "recompute" engine:
+``g_t = dL/dlogp_t`` into ``dhidden``, ``dweight`` and ``dbias`` (the "recompute" engine:
 2NHV forward + 6NHV backward FLOPs, extra memory ``O(N + chunk * V)``).
 
 ``impl="triton"`` runs the fused matmul + online-logsumexp forward kernel (no logits at all) and the
