@@ -259,7 +259,7 @@ def test_algorithms_use_the_transform(name):
     SFT's loss, DPO's logged policy log-probs and GRPO's ``token_logps`` equal the model's own logits."""
     from fastpref.train.algorithms.base import ALGORITHMS, Runtime, load_builtin_algorithms
     from fastpref.train.online.common import token_logps as online_token_logps
-    from fastpref.train.reference import Reference
+    from fastpref.train.reference import make_reference
     from fastpref.train.rollout import pack
 
     load_builtin_algorithms()
@@ -267,7 +267,7 @@ def test_algorithms_use_the_transform(name):
     seqs = _seqs(BASE["vocab_size"])
     own = _own_logps(model, seqs)
     cfg = _cfg(**{"algorithm": "dpo"})
-    ref = Reference("copy", model)
+    ref = make_reference("copy", model)
     ref.take()
     rt = Runtime(cfg=cfg, model=model, tokenizer=SimpleNamespace(pad_token_id=0), device=torch.device("cpu"),
                  reference=ref)

@@ -19,7 +19,7 @@ from fastpref.train.config import Config
 from fastpref.train.modeling import build_model, build_tokenizer
 from fastpref.train.online import common
 from fastpref.train.online.common import ReplayBuffer, best_worst_pairs, parse_judge_score
-from fastpref.train.reference import Reference
+from fastpref.train.reference import make_reference
 from fastpref.train.rollout import GenerationConfig, generate, pack, policy_hidden
 
 
@@ -54,7 +54,7 @@ def make_algo(name: str, *, rows=None, n_rows: int = 64, seed: int = 0, ref: boo
     tok = build_tokenizer(cfg)
     model = build_model(cfg, tok)
     cls = ALGORITHMS[name]
-    reference = Reference("copy", model)
+    reference = make_reference("copy", model)
     if ref if ref is not None else (cls.needs_reference or section.get("beta", 0) > 0):
         reference.take()
     rows = rows if rows is not None else make_arith(n_rows, seed=seed)

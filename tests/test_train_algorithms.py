@@ -102,13 +102,13 @@ def _naive_seq_logps(model, batch):
 def _runtime(tmp_path, algo, *extra):
     from fastpref.train.algorithms.base import ALGORITHMS, Runtime, load_builtin_algorithms
     from fastpref.train.modeling import build_model, build_tokenizer
-    from fastpref.train.reference import Reference
+    from fastpref.train.reference import make_reference
 
     load_builtin_algorithms()
     cfg = tiny_cfg(tmp_path, f"algorithm={algo}", *extra)
     tok = build_tokenizer(cfg)
     model = build_model(cfg, tok, ALGORITHMS[algo].model_kind)
-    ref = Reference("copy", model)
+    ref = make_reference("copy", model)
     ref.take()
     with torch.no_grad():  # make policy != reference
         for p in model.parameters():
@@ -216,14 +216,14 @@ def test_packed_equals_padded(tmp_path, algo):
 def test_precompute_cache_order_in_both_layouts(tmp_path):
     """The cached reference log-probs come back in each layout's sequence order (TRL rows / interleaved)."""
     from fastpref.data.collate import collate_preference
-    from fastpref.train.reference import Reference
+    from fastpref.train.reference import make_reference
 
     algo_obj, exs, _ = _runtime(tmp_path, "dpo", "data.pack=true")
     for i, e in enumerate(exs):
         e["uid"] = i
     model, pad = algo_obj.rt.model, algo_obj.rt.tokenizer.pad_token_id
     for pack_cache in (False, True):
-        ref = Reference("precompute", model)
+        ref = make_reference("precompute", model)
         ref.precompute(exs, lambda c: collate_preference(c, pad, pack=pack_cache), 4, str(tmp_path / f"c{pack_cache}"),
                        "k", log=lambda m: None)
         for pack in (False, True):

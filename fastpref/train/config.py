@@ -364,7 +364,7 @@ class Config:
     """Sections registered by algorithms (``cfg.sections['grpo']``); written at the top level in YAML."""
 
     def __post_init__(self):
-        from fastpref.train.algorithms.base import load_builtin_algorithms
+        from fastpref.train.registry import load_builtin_algorithms
 
         load_builtin_algorithms()  # so every algorithm's section exists, whenever the Config is made
         for name, cls in _SECTIONS.items():
@@ -971,7 +971,7 @@ def validate_config(cfg: Config) -> None:
     combinations), its section's ``validate()``, and its reward function, which is imported here (a config is
     trusted code, see the README's trust model).
     """
-    from fastpref.train.algorithms.base import ALGORITHMS, load_builtin_algorithms
+    from fastpref.train.registry import ALGORITHMS, load_builtin_algorithms
 
     load_builtin_algorithms()
     if cfg.algorithm not in ALGORITHMS:

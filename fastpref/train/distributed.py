@@ -47,6 +47,7 @@ import torch
 
 from fastpref.train.config import Config, ConfigError
 from fastpref.train.modeling import base_model, load_trainable_state, trainable_state
+from fastpref.train.reference import REFERENCE_MODES
 
 _LAUNCH_ENV = ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")  # torch's env:// rendezvous
 
@@ -338,7 +339,7 @@ class Parallel:
         """Raise :class:`ConfigError` if the resolved ``reference.mode`` cannot work with this backend."""
 
     def frozen_copy(self, build: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
-        """A frozen, unsharded copy of the policy for ``reference.mode=copy``; None: ``Reference.take()`` can
+        """A frozen, unsharded copy of the policy for ``reference.mode=copy``; None: ``ReferenceMode.take()`` can
         deep-copy the policy itself."""
         return None
 
@@ -479,7 +480,7 @@ class DeepSpeedParallel(Parallel):
         self.stage = self.ds_config["zero_optimization"]["stage"]
 
     def check_reference(self, mode: str) -> None:
-        if self.stage == 3 and mode == "copy":
+        if self.stage == 3 and REFERENCE_MODES[mode].needs_copy:
             how = "" if self.cfg.reference.mode == "copy" else f" ({self.cfg.reference.mode} resolves to copy here)"
             raise ConfigError(f"reference.mode={self.cfg.reference.mode}{how}: a copied reference is not supported "
                               "with ZeRO-3 (train.deepspeed, partitioned parameters); use reference.mode=precompute")

@@ -1,18 +1,20 @@
 """Reference log-probs for the DPO family and KTO: a frozen copy, the LoRA base, a precomputed cache, or none.
 
-All modes return per-sequence summed log-probs of the scored tokens, computed from the last hidden states with
-``fastpref.ops.linear_logprobs`` under ``torch.no_grad()``; the reference never gets gradients.
+One small class per ``reference.mode``, all with the interface of :class:`ReferenceMode`, built by
+:func:`make_reference` from the resolved mode (the trainer resolves ``auto``). All modes return per-sequence summed
+log-probs of the scored tokens, computed from the last hidden states with ``fastpref.ops.linear_logprobs`` under
+``torch.no_grad()``; the reference never gets gradients.
 
-* ``copy``: ``copy.deepcopy`` of the policy at the moment the reference is taken (after the SFT warm-up),
-  ``requires_grad=False``, eval mode. Saved in checkpoints when it differs from the initial model.
-* ``lora_base``: the policy itself inside ``model.disable_adapter()``: no second copy.
-* ``precompute``: one pass over every train and held-out example when the reference is taken; the result
-  (``[examples, sequences per example]`` fp32) is cached in ``reference.cache_dir`` as a safetensors file (never a
-  pickle) under a key (:func:`cache_key`) that hashes the config keys that change it, the tokenised data, the data
-  files' content and the reference weights themselves (sha256 of every parameter and buffer,
-  :func:`weights_sha256`), so a model whose weights were replaced does not reuse a stale cache. Later runs load
-  it; a checkpoint holds the cache itself, so a resume does not recompute it from a policy that has moved on.
-* ``none``: reference-free losses (ORPO, SimPO, CPO); asking it for log-probs is an error.
+* ``copy`` (:class:`CopyReference`): ``copy.deepcopy`` of the policy at the moment the reference is taken (after
+  the SFT warm-up), ``requires_grad=False``, eval mode. Saved in checkpoints when it differs from the initial model.
+* ``lora_base`` (:class:`LoraBaseReference`): the policy itself inside ``model.disable_adapter()``: no second copy.
+* ``precompute`` (:class:`PrecomputeReference`): one pass over every train and held-out example when the reference
+  is taken; the result (``[examples, sequences per example]`` fp32) is cached in ``reference.cache_dir`` as a
+  safetensors file (never a pickle) under a key (:func:`cache_key`) that hashes the config keys that change it, the
+  tokenised data, the data files' content and the reference weights themselves (sha256 of every parameter and
+  buffer, :func:`weights_sha256`), so a model whose weights were replaced does not reuse a stale cache. Later runs
+  load it; a checkpoint holds the cache itself, so a resume does not recompute it from a policy that has moved on.
+* ``none`` (:class:`NoReference`): reference-free losses (ORPO, SimPO, CPO); asking it for log-probs is an error.
 """
 
 from __future__ import annotations
@@ -21,61 +23,162 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 
 from fastpref.train.modeling import sequence_logps
 
 
-class Reference:
-    """Reference log-probs in one of the modes above; ``sequence_logps(batch)`` -> ``[rows]`` fp32."""
+class ReferenceMode:
+    """The interface of every reference mode; ``sequence_logps(batch)`` -> ``[rows]`` fp32 (no grad).
 
-    def __init__(self, mode: str, policy: torch.nn.Module):
-        self.mode = mode
+    The trainer calls :meth:`take` when the reference is taken (after the SFT warm-up; with a frozen copy built by
+    the parallel backend when :attr:`needs_copy`, or :meth:`PrecomputeReference.precompute` when
+    :attr:`precomputed`), saves :meth:`state_dict` in every checkpoint under the ``reference`` key of
+    ``algorithm`` and restores it with :meth:`load_state_dict`. On-line algorithms take per-token log-probs from
+    :meth:`network` (when :attr:`live`) and iterative ones :meth:`refresh` a copy to the current policy.
+    """
+
+    mode: ClassVar[str] = ""
+    """The ``reference.mode`` this class implements (named in messages)."""
+    needs_copy: ClassVar[bool] = False
+    """Taking the reference makes a frozen copy of the policy (the trainer asks the parallel backend for it)."""
+    precomputed: ClassVar[bool] = False
+    """Taking the reference fills a log-prob cache in one pass over the data (the trainer runs it)."""
+
+    def __init__(self, policy: torch.nn.Module):
         self.policy = policy
         self.model: torch.nn.Module | None = None
+        """The frozen copy (``copy`` only; None otherwise and before it is taken)."""
         self.cache: torch.Tensor | None = None
+        """The precomputed ``[examples, slots]`` fp32 log-probs (``precompute`` only)."""
 
-    def take(self) -> None:
-        """Freeze the reference from the current policy (``copy``); other modes need nothing here."""
-        if self.mode == "copy":
-            self.model = copy.deepcopy(self.policy).eval()
-            for p in self.model.parameters():
-                p.requires_grad_(False)
+    @property
+    def live(self) -> bool:
+        """Whether :meth:`network` gives a frozen reference network now (a taken copy, the LoRA base)."""
+        return False
+
+    def take(self, model: torch.nn.Module | None = None) -> None:
+        """Freeze the reference from the current policy; only ``copy`` keeps something (``model``: a frozen copy
+        already made, e.g. gathered from FSDP shards)."""
 
     def refresh(self, model: torch.nn.Module) -> None:
         """Copy ``model``'s weights into a ``copy`` reference (iterative / on-line methods)."""
-        if self.mode != "copy" or self.model is None:
-            raise ValueError(f"Reference.refresh: only a taken 'copy' reference can be refreshed (mode={self.mode})")
-        self.model.load_state_dict(model.state_dict())
+        raise ValueError(f"Reference.refresh: only a taken 'copy' reference can be refreshed (mode={self.mode})")
+
+    @contextmanager
+    def network(self) -> Iterator[torch.nn.Module]:
+        """The network whose forward gives the reference log-probs, in eval mode for the ``with`` block."""
+        raise ValueError("reference.mode=none: this algorithm needs reference log-probs; set reference.mode to copy, "
+                         "lora_base or precompute")
+        yield  # pragma: no cover  (a generator, for @contextmanager)
 
     @torch.no_grad()
     def compute(self, batch: dict) -> torch.Tensor:
-        """Log-probs of ``batch`` from the reference model itself (no cache)."""
-        if self.mode == "copy":
-            if self.model is None:
-                raise RuntimeError("Reference: the copy has not been taken yet")
-            return sequence_logps(self.model, batch)[0]
-        if self.mode in ("lora_base", "precompute"):
-            was_training = self.policy.training
-            self.policy.eval()
-            try:
-                if self.mode == "lora_base":
-                    with self.policy.disable_adapter():
-                        return sequence_logps(self.policy, batch)[0]
-                return sequence_logps(self.policy, batch)[0]
-            finally:
-                self.policy.train(was_training)
-        raise ValueError("reference.mode=none: this algorithm needs reference log-probs; set reference.mode to copy, "
-                         "lora_base or precompute")
+        """Log-probs of ``batch`` from the reference network itself (no cache)."""
+        with self.network() as net:
+            return sequence_logps(net, batch)[0]
 
     def sequence_logps(self, batch: dict) -> torch.Tensor:
-        """Reference log-probs of every row of ``batch`` (``[rows]`` fp32, no grad). With ``precompute`` the rows
-        are looked up by ``batch["uid"]`` in the batch's layout: padded rows ``[0, P)`` are sequence slot 0 of the
-        examples and ``[P, 2P)`` slot 1; packed sequences are interleaved (slot 0, slot 1 of example 0, ...)."""
-        if self.mode != "precompute":
-            return self.compute(batch)
+        """Reference log-probs of every row of ``batch`` (``[rows]`` fp32, no grad)."""
+        return self.compute(batch)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (``{}``: nothing; a copy's ``model`` weights; a precomputed ``cache``)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+@contextmanager
+def _eval(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` in eval mode for the block, its train/eval mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+class NoReference(ReferenceMode):
+    """``reference.mode=none``: reference-free losses; :meth:`network` (and so every log-prob) is an error."""
+
+    mode = "none"
+
+
+class CopyReference(ReferenceMode):
+    """``reference.mode=copy``: a frozen deep copy of the policy, saved in checkpoints, refreshable."""
+
+    mode = "copy"
+    needs_copy = True
+
+    @property
+    def live(self) -> bool:
+        return self.model is not None
+
+    def take(self, model: torch.nn.Module | None = None) -> None:
+        if model is None:
+            model = copy.deepcopy(self.policy).eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+        self.model = model
+
+    def refresh(self, model: torch.nn.Module) -> None:
+        if self.model is None:
+            super().refresh(model)
+        self.model.load_state_dict(model.state_dict())
+
+    @contextmanager
+    def network(self) -> Iterator[torch.nn.Module]:
+        if self.model is None:
+            raise RuntimeError("Reference: the copy has not been taken yet")
+        yield self.model
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict()} if self.model is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "model" in state:
+            if self.model is None:
+                self.take()
+            self.model.load_state_dict(state["model"])
+
+
+class LoraBaseReference(ReferenceMode):
+    """``reference.mode=lora_base``: the policy with its LoRA adapters disabled (no second copy)."""
+
+    mode = "lora_base"
+
+    @property
+    def live(self) -> bool:
+        return True
+
+    @contextmanager
+    def network(self) -> Iterator[torch.nn.Module]:
+        with _eval(self.policy), self.policy.disable_adapter():
+            yield self.policy
+
+
+class PrecomputeReference(ReferenceMode):
+    """``reference.mode=precompute``: log-probs of every example from one no-grad pass of the policy when the
+    reference is taken, cached on disk and in checkpoints; looked up by ``batch["uid"]``."""
+
+    mode = "precompute"
+    precomputed = True
+
+    @contextmanager
+    def network(self) -> Iterator[torch.nn.Module]:
+        with _eval(self.policy):  # the policy as it is when the reference is taken: only precompute() uses it
+            yield self.policy
+
+    def sequence_logps(self, batch: dict) -> torch.Tensor:
+        """The cached rows of ``batch["uid"]`` in the batch's layout: padded rows ``[0, P)`` are sequence slot 0 of
+        the examples and ``[P, 2P)`` slot 1; packed sequences are interleaved (slot 0, slot 1 of example 0, ...)."""
         if self.cache is None:
             raise RuntimeError("Reference: precompute cache not built")
         uid = batch["uid"].to(self.cache.device)
@@ -110,22 +213,25 @@ class Reference:
         log(f"reference log-probs: computed {self.cache.shape[0]} examples, cached in {path}")
 
     def state_dict(self) -> dict:
-        """What a checkpoint keeps: a taken copy's weights, or the precomputed log-probs."""
-        if self.mode == "copy" and self.model is not None:
-            return {"model": self.model.state_dict()}
-        if self.mode == "precompute" and self.cache is not None:
-            return {"cache": self.cache}
-        return {}
+        return {"cache": self.cache} if self.cache is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.mode == "copy" and "model" in state:
-            if self.model is None:
-                self.take()
-            self.model.load_state_dict(state["model"])
-        elif self.mode == "precompute":
-            if not isinstance(state.get("cache"), torch.Tensor):
-                raise ValueError("resume: the checkpoint holds no precomputed reference log-probs")
-            self.cache = state["cache"].float().cpu()
+        if not isinstance(state.get("cache"), torch.Tensor):
+            raise ValueError("resume: the checkpoint holds no precomputed reference log-probs")
+        self.cache = state["cache"].float().cpu()
+
+
+REFERENCE_MODES: dict[str, type[ReferenceMode]] = {c.mode: c for c in (CopyReference, LoraBaseReference,
+                                                                       PrecomputeReference, NoReference)}
+"""``{reference.mode: class}`` of the resolved modes (``auto`` is resolved by the trainer first)."""
+
+
+def make_reference(mode: str, policy: torch.nn.Module) -> ReferenceMode:
+    """The reference of the resolved ``mode`` (``copy``, ``lora_base``, ``precompute`` or ``none``) for ``policy``."""
+    if mode not in REFERENCE_MODES:
+        raise ValueError(f"reference.mode={mode!r}: expected one of {', '.join(REFERENCE_MODES)} (auto is resolved "
+                         "by the trainer)")
+    return REFERENCE_MODES[mode](policy)
 
 
 def _read_cache(path: str, key: str, n: int, log: Callable[[str], None]) -> torch.Tensor | None:

@@ -48,7 +48,7 @@ from fastpref.train.config import Config, config_to_dict, ConfigError, check_dev
 from fastpref.train.distributed import all_reduce_mean, init_process_group, make_parallel, parallel_kind
 from fastpref.train.modeling import build_model, build_tokenizer, check_logits
 from fastpref.train.precision import Precision
-from fastpref.train.reference import Reference, cache_key, weights_sha256
+from fastpref.train.reference import cache_key, make_reference, weights_sha256
 from fastpref.train.schedule import lr_lambda
 from fastpref.train.reporting import Reporter, check_report_to
 
@@ -271,7 +271,7 @@ class Trainer:
             self.algo.load_state_dict(algo_state["main"])
             self.ref_taken = st["reference_taken"]
             if self.ref_taken:
-                if self.reference.mode == "copy":
+                if self.reference.needs_copy:
                     self._copy_reference()
                 self.reference.load_state_dict(algo_state["reference"])  # a copy's weights, a precomputed cache
             _set_rng_state(ckpt.load_state(path, "rng"))
@@ -299,16 +299,12 @@ class Trainer:
 
     def _copy_reference(self) -> None:
         """``reference.mode=copy``: a frozen copy of the current policy (gathered, unsharded, under FSDP)."""
-        ref = self.par.frozen_copy(self._build_model)
-        if ref is None:
-            self.reference.take()
-        else:
-            self.reference.model = ref
+        self.reference.take(self.par.frozen_copy(self._build_model))  # None: the reference deep-copies the policy
 
     def _take_reference(self) -> None:
-        if self.reference.mode == "copy":
+        if self.reference.needs_copy:
             self._copy_reference()
-        elif self.reference.mode == "precompute":
+        elif self.reference.precomputed:
             self._precompute()
         self.ref_taken = True
 
@@ -385,7 +381,7 @@ class Trainer:
             check_logits(model, pack=cfg.data.pack)
         self.model = self.par.wrap(model)
         self.model.train()
-        self.reference = Reference(ref_mode, self.model)
+        self.reference = make_reference(ref_mode, self.model)
         rt = Runtime(cfg=cfg, model=self.model, tokenizer=tokenizer, device=self.device, reference=self.reference,
                      extras={"train_examples": self.train_ex}, total_steps=self._total_steps())
         try:
@@ -496,6 +492,7 @@ class Trainer:
                 self._bar.update(1)
             if self.stop_after is not None and step >= self.stop_after:
                 self._close()
+                self._barrier()  # no rank leaves (and tears its process group down) while another still talks to it
                 return RunResult(step, last_train, last_eval, time.time() - t0, self.out)
 
         self._close()

@@ -32,56 +32,25 @@ How an on-line algorithm (``fastpref/train/online/*``: grpo, ppo, online_dpo, ..
 4. **State**: everything that must survive a resume (round index, replay buffer, a refreshed reference's
    weights, RNG of the sampler) goes in :meth:`state_dict` / :meth:`load_state_dict`; the trainer saves it in
    every checkpoint (``algorithm.safetensors`` + ``algorithm.json``, see ``fastpref.train.checkpoint``) and restores it before the first step after a resume.
-5. **Reference**: ``self.rt.reference`` is a :class:`fastpref.train.reference.Reference` (``copy``,
-   ``lora_base``, ``precompute`` or ``none``) with ``sequence_logps(batch)``; ``Reference.refresh(model)``
-   copies the current policy into a ``copy`` reference (iterative methods).
+5. **Reference**: ``self.rt.reference`` is a :class:`fastpref.train.reference.ReferenceMode` (one class per
+   ``copy``, ``lora_base``, ``precompute`` or ``none``) with ``sequence_logps(batch)``, ``network()`` (the frozen
+   network for per-token log-probs) and ``refresh(model)`` (copies the current policy into a ``copy`` reference;
+   iterative methods).
 
-Interface stability: the names on this page (``Algorithm``, ``Runtime``, ``register_algorithm``, ``ALGORITHMS``,
-the method signatures) are what other modules code against; do not change them lightly.
+Interface stability: the names on this page (``Algorithm``, ``Runtime``, ``register_algorithm``, ``ALGORITHMS``
+(both from :mod:`fastpref.train.registry`, re-exported here), the method signatures) are what other modules code
+against; do not change them lightly.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from fastpref.train.config import Config, register_config_section
-
-ALGORITHMS: dict[str, type[Algorithm]] = {}
-"""``{name: Algorithm subclass}``; filled by :func:`register_algorithm`."""
-
-_BUILTIN_MODULES = ("fastpref.train.algorithms.sft", "fastpref.train.algorithms.preference",
-                    "fastpref.train.algorithms.kto", "fastpref.train.algorithms.rm")
-_ONLINE_PACKAGE = "fastpref.train.online"
-
-
-def register_algorithm(name: str):
-    """Class decorator: register an :class:`Algorithm` subclass as ``algorithm=name`` (and its config section)."""
-
-    def deco(cls: type[Algorithm]) -> type[Algorithm]:
-        if ALGORITHMS.get(name, cls) is not cls:
-            raise ValueError(f"register_algorithm: {name!r} is already registered by {ALGORITHMS[name]!r}")
-        cls.name = name
-        ALGORITHMS[name] = cls
-        if cls.config_class is not None:
-            register_config_section(name, cls.config_class)
-        return cls
-
-    return deco
-
-
-def load_builtin_algorithms() -> None:
-    """Import the built-in algorithm modules (and ``fastpref.train.online`` when present) so they register."""
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(mod)
-    try:
-        importlib.import_module(_ONLINE_PACKAGE)
-    except ModuleNotFoundError as e:
-        if e.name != _ONLINE_PACKAGE:
-            raise
+from fastpref.train.config import Config
+from fastpref.train.registry import ALGORITHMS, load_builtin_algorithms, register_algorithm  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -89,7 +58,7 @@ class Runtime:
     """What the trainer hands an algorithm: the models, the tokenizer and the device.
 
     ``model`` is the trained module (a ``PreTrainedModel`` or a PEFT wrapper around one); ``reference`` a
-    :class:`fastpref.train.reference.Reference`; ``tokenizer`` has ``encode(text, add_special_tokens=False)``,
+    :class:`fastpref.train.reference.ReferenceMode`; ``tokenizer`` has ``encode(text, add_special_tokens=False)``,
     ``decode(ids)``, ``eos_token_id`` and ``pad_token_id`` (a Hugging Face tokenizer or the built-in
     :class:`fastpref.data.tokenizer.CharTokenizer`).
     """

@@ -243,26 +243,21 @@ class OnlineAlgorithm(Algorithm):
         """The frozen reference network for per-token log-probs: the ``copy`` reference's model, or the policy
         itself with its LoRA adapters disabled (``reference.mode=lora_base``, no second copy)."""
         ref = self.rt.reference
-        if getattr(ref, "mode", None) == "lora_base":
-            policy = self.rt.model
-            was_training = policy.training
-            policy.eval()
-            try:
-                with policy.disable_adapter():
-                    yield policy
-            finally:
-                policy.train(was_training)
-        else:
-            yield self.ref_module()
+        if ref is None or not ref.live:
+            raise self._no_reference_model()
+        with ref.network() as net:
+            yield net
 
     def ref_module(self):
         """The frozen reference copy (``reference.mode=copy``; iterative methods refresh it)."""
-        ref = self.rt.reference
-        mod = getattr(ref, "model", None) if ref is not None else None
+        mod = getattr(self.rt.reference, "model", None)
         if mod is None:
-            raise ValueError(f"{self.name}: needs a reference model (reference.mode=copy, or lora_base with LoRA "
-                             f"for grpo/ppo; got {getattr(ref, 'mode', None)!r})")
+            raise self._no_reference_model()
         return mod
+
+    def _no_reference_model(self) -> ValueError:
+        return ValueError(f"{self.name}: needs a reference model (reference.mode=copy, or lora_base with LoRA "
+                          f"for grpo/ppo; got {getattr(self.rt.reference, 'mode', None)!r})")
 
     # ---- stages
     def rollout(self, examples: list[dict], *, model=None, num_generations: int | None = None) -> Rollout:
