@@ -38,6 +38,7 @@ with deepspeed 0.19.8.
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import json
 import os
@@ -196,7 +197,18 @@ def init_process_group(kind: str, device: torch.device) -> tuple[int, int]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Destroyed while the interpreter is still alive: left to finalization, gloo's worker threads can abort the
+        # process ("terminate called without an active exception", pytorch/pytorch#190489). Scripts may still use
+        # the group after the run; atexit comes after them.
+        atexit.register(_destroy_process_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
