@@ -9,7 +9,7 @@ import math
 
 import torch
 from test_online_common import one_cpu_thread  # noqa: F401  (autouse fixture: one CPU thread)
-from test_online_common import assert_same_params, make_algo, restore, run_steps, snapshot
+from test_online_common import assert_same_params, interrupted_and_resumed, make_algo
 
 from fastpref.data.arith import arith_sft_rows
 
@@ -40,14 +40,8 @@ def test_apo_end_to_end_and_resume_mid_iteration():
     rows = arith_sft_rows(32, seed=0)
     kw = dict(rows=rows, preference_files=PREF, rm_init_steps=2, steps_per_iteration=2, rm_steps=1,
               gen_num_generations=3, gen_max_new_tokens=3, iteration_prompts=8)
-    a, ex = make_algo("apo", **kw)
-    hist, opt = run_steps(a, ex, 3, batch_size=4)
+    a, b, hist = interrupted_and_resumed("apo", kw, 3, 2)
     assert ["rm/loss" in h for h in hist] == [True, False, True]     # RM steps open each iteration
     assert all(math.isfinite(h["loss"]) for h in hist)
-    snap = snapshot(a, opt)
-    run_steps(a, ex, 2, batch_size=4, opt=opt, start=3)
-    b, _ = make_algo("apo", seed=1, **kw)
-    opt_b = restore(b, snap)
-    run_steps(b, ex, 2, batch_size=4, opt=opt_b, start=3)
     assert_same_params(a.rt.model, b.rt.model)
     assert_same_params(a.rm, b.rm)

@@ -105,6 +105,20 @@ def restore(algo, snap: dict, lr: float = 1e-2):
     return opt
 
 
+def interrupted_and_resumed(name: str, kw: dict, before: int, after: int, *, batch_size: int = 4):
+    """``(a, b, history)``: ``a`` runs ``before`` steps (``history``), is snapshotted as a checkpoint would be, and
+    runs ``after`` more; ``b`` is a fresh algorithm of another seed restored from the snapshot that runs the same
+    ``after`` steps. An exact resume leaves ``a`` and ``b`` identical."""
+    a, ex = make_algo(name, **kw)
+    history, opt = run_steps(a, ex, before, batch_size=batch_size)
+    snap = snapshot(a, opt)
+    run_steps(a, ex, after, batch_size=batch_size, opt=opt, start=before)
+    b, _ = make_algo(name, seed=1, **kw)
+    opt_b = restore(b, snap)
+    run_steps(b, ex, after, batch_size=batch_size, opt=opt_b, start=before)
+    return a, b, history
+
+
 def assert_same_params(a, b):
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), f"parameter {n} differs after resume"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_online_common import one_cpu_thread  # noqa: F401  (autouse fixture: one CPU thread)
-from test_online_common import assert_same_params, make_algo, restore, run_steps, snapshot
+from test_online_common import assert_same_params, interrupted_and_resumed, make_algo, restore, run_steps, snapshot
 
 from fastpref.losses.advantages import group_advantages
 
@@ -215,13 +215,8 @@ def test_overlong_shaping_adds_dapo_penalty():
 
 def test_grpo_resume_mid_rollout_continues_identically():
     kw = dict(num_iterations=2, beta=0.05, dynamic_sampling=True, gen_num_generations=4, gen_max_new_tokens=3)
-    a, ex = make_algo("grpo", **kw)
-    _, opt = run_steps(a, ex, 3, batch_size=4)            # step 3 starts a rollout used again by step 4
-    snap = snapshot(a, opt)
-    run_steps(a, ex, 2, batch_size=4, opt=opt, start=3)
-    b, _ = make_algo("grpo", seed=1, **kw)                 # different init: everything must come from the snapshot
-    opt_b = restore(b, snap)
-    run_steps(b, ex, 2, batch_size=4, opt=opt_b, start=3)
+    # step 3 starts a rollout used again by step 4; b's other init: everything must come from the snapshot
+    a, b, _ = interrupted_and_resumed("grpo", kw, 3, 2)
     assert_same_params(a.rt.model, b.rt.model)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_online_common import one_cpu_thread  # noqa: F401  (autouse fixture: one CPU thread)
-from test_online_common import assert_same_params, make_algo, restore, run_steps, snapshot
+from test_online_common import assert_same_params, interrupted_and_resumed, make_algo, run_steps
 
 from fastpref.data.arith import arith_sft_rows, make_arith
 from fastpref.train.online.common import CannotLearn, parse_judge_score, score_signal, sequence_logps
@@ -62,13 +62,7 @@ def test_spin_iteration_dataset_is_built_once_by_the_frozen_opponent_and_mixes_t
 def test_spin_resume_mid_iteration_continues_exactly():
     rows = arith_sft_rows(48, seed=0)
     kw = dict(rows=rows, steps_per_iteration=2, gen_max_new_tokens=2, iteration_prompts=8, train_stream=True)
-    a, ex = make_algo("spin", **kw)
-    _, opt = run_steps(a, ex, 3, batch_size=4)
-    snap = snapshot(a, opt)                                   # step 3 of iteration 2: its dataset is in the state
-    run_steps(a, ex, 3, batch_size=4, opt=opt, start=3)
-    b, _ = make_algo("spin", seed=1, **kw)
-    opt_b = restore(b, snap)
-    run_steps(b, ex, 3, batch_size=4, opt=opt_b, start=3)
+    a, b, _ = interrupted_and_resumed("spin", kw, 3, 3)     # step 3 of iteration 2: its dataset is in the state
     assert_same_params(a.rt.model, b.rt.model)
 
 
@@ -170,13 +164,7 @@ def test_dice_resume_mid_iteration_continues_exactly(tmp_path):
     kw = dict(rows=make_arith(64, seed=0), reference_path=str(tmp_path / "sft"),  # the same prompt pool for both
               offline_files=["examples/data/arith_pref.jsonl"], steps_per_iteration=2, iteration_prompts=8,
               gen_num_generations=3, gen_max_new_tokens=2, train_stream=True)
-    a, ex = make_algo("dice", **kw)
-    _, opt = run_steps(a, ex, 3, batch_size=4)
-    snap = snapshot(a, opt)                                   # mid-iteration 2: score reference = pi_0 by now
-    run_steps(a, ex, 3, batch_size=4, opt=opt, start=3)
-    b, _ = make_algo("dice", seed=1, **kw)
-    opt_b = restore(b, snap)
-    run_steps(b, ex, 3, batch_size=4, opt=opt_b, start=3)
+    a, b, _ = interrupted_and_resumed("dice", kw, 3, 3)     # mid-iteration 2: score reference = pi_0 by now
     assert_same_params(a.rt.model, b.rt.model)
     assert_same_params(a.score_ref, b.score_ref)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_online_common import one_cpu_thread  # noqa: F401  (autouse fixture: one CPU thread)
-from test_online_common import assert_same_params, make_algo, restore, run_steps, snapshot
+from test_online_common import assert_same_params, interrupted_and_resumed, make_algo, run_steps
 
 from fastpref.data.arith import arith_reward
 from fastpref.train.online.ppo import from_padded, to_padded
@@ -101,13 +101,7 @@ def test_ppo_rollout_advantages_match_naive_gae(critic):
 @pytest.mark.parametrize("critic", [{}, {"critic": "separate", "critic_lr": 3e-2}], ids=["shared", "separate"])
 def test_ppo_resume_mid_epochs_continues_identically(critic):
     kw = dict(gen_num_generations=2, gen_max_new_tokens=3, num_ppo_epochs=3, **critic)
-    a, ex = make_algo("ppo", **kw)
-    _, opt = run_steps(a, ex, 4, batch_size=4)               # rollout 2 is used by steps 4, 5, 6
-    snap = snapshot(a, opt)
-    run_steps(a, ex, 3, batch_size=4, opt=opt, start=4)
-    b, _ = make_algo("ppo", seed=1, **kw)
-    opt_b = restore(b, snap)
-    run_steps(b, ex, 3, batch_size=4, opt=opt_b, start=4)
+    a, b, _ = interrupted_and_resumed("ppo", kw, 4, 3)       # rollout 2 is used by steps 4, 5, 6
     assert_same_params(a.rt.model, b.rt.model)
     if critic:
         assert_same_params(a.critic, b.critic)

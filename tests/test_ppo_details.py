@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 from test_online_common import one_cpu_thread  # noqa: F401  (autouse fixture: one CPU thread)
-from test_online_common import assert_same_params, make_algo, restore, run_steps, snapshot
+from test_online_common import assert_same_params, interrupted_and_resumed, make_algo, run_steps
 
 from fastpref.losses import AdaptiveKLController, fit_reward_normalizer, policy_loss
 from fastpref.train.modeling import disable_dropout
@@ -160,13 +160,7 @@ def test_too_many_mini_batches_is_a_config_error():
 def test_resume_in_the_middle_of_a_shuffled_rollout_continues_identically():
     kw = dict(gen_num_generations=2, gen_max_new_tokens=3, num_ppo_epochs=2, num_mini_batches=2, kl_target=0.05,
               kl_horizon=50, normalize_reward=True, normalize_samples=10)
-    a, ex = make_algo("ppo", **kw)
-    _, opt = run_steps(a, ex, 5, batch_size=4)               # rollout 2 is used by steps 5..8
-    snap = snapshot(a, opt)
-    run_steps(a, ex, 4, batch_size=4, opt=opt, start=5)
-    b, _ = make_algo("ppo", seed=1, **kw)
-    opt_b = restore(b, snap)
-    run_steps(b, ex, 4, batch_size=4, opt=opt_b, start=5)
+    a, b, _ = interrupted_and_resumed("ppo", kw, 5, 4)       # rollout 2 is used by steps 5..8
     assert_same_params(a.rt.model, b.rt.model)
     assert a.kl_coef == b.kl_coef and a.reward_norm == b.reward_norm
 

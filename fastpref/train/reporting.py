@@ -20,9 +20,7 @@ import importlib.util
 import json
 import os
 
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
-_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
-_EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # each is its package's import name and fastpref's extra
 
 
 def resolve_report_to(value) -> list[str]:
@@ -42,7 +40,7 @@ def resolve_report_to(value) -> list[str]:
 
 
 def _installed(name: str) -> bool:
-    return importlib.util.find_spec(_PACKAGES[name]) is not None
+    return importlib.util.find_spec(name) is not None
 
 
 def check_report_to(value) -> list[str]:
@@ -50,8 +48,7 @@ def check_report_to(value) -> list[str]:
     names = resolve_report_to(value)
     for n in names:
         if not _installed(n):
-            raise ValueError(f"train.report_to={n}: the {_PACKAGES[n]!r} package is not installed "
-                             f"(pip install 'fastpref[{_EXTRAS[n]}]')")
+            raise ValueError(f"train.report_to={n}: the {n!r} package is not installed (pip install 'fastpref[{n}]')")
     return names
 
 
