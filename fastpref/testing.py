@@ -159,3 +159,70 @@ def ptxas_available() -> bool:
     except Exception:
         return False
     return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+
+
+# ------------------------------------------------------------------------------------------ host-sync counting
+
+SYNCING_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero",
+                   "unique", "unique_consecutive", "masked_select", "cpu")
+"""Tensor methods that make the host wait for the device when the tensor lives on a GPU (a data-dependent output
+size or a value copied to Python). ``cpu`` counts only for a tensor that is not on the CPU already."""
+
+
+class HostSyncCounter:
+    """Counts, by name, the calls that would be device->host syncs on a GPU (see :data:`SYNCING_METHODS`, plus
+    boolean-mask indexing and ``torch.nonzero``/``torch.unique``/``torch.masked_select``); usable on the CPU.
+
+    ``with HostSyncCounter(device_only=False) as c: step(); c.total`` -- with ``device_only=False`` (the CPU
+    tests) every such call counts, whatever the tensor's device, except ``cpu()``; with ``True`` only calls on
+    tensors that are not on the CPU count (an honest count on a GPU run). A ``TorchFunctionMode``: it sees the
+    forward and the backward of autograd functions run on this thread.
+    """
+
+    def __init__(self, device_only: bool = False):
+        self.device_only = device_only
+        self.counts: dict[str, int] = {}
+        self.where: dict[str, list[str]] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __enter__(self) -> "HostSyncCounter":
+        from torch.overrides import TorchFunctionMode
+
+        counter = self
+
+        class _Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                counter._observe(func, args, kwargs)
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+    def _observe(self, func, args, kwargs) -> None:
+        name = getattr(func, "__name__", "")
+        t = args[0] if args and torch.is_tensor(args[0]) else None
+        if t is None:
+            return
+        hit = False
+        if name in SYNCING_METHODS:
+            hit = t.device.type != "cpu" if (name == "cpu" or self.device_only) else True
+        elif name == "__getitem__" and len(args) > 1:
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            hit = any(torch.is_tensor(i) and i.dtype == torch.bool for i in idx) and (
+                not self.device_only or t.device.type != "cpu")
+        if hit:
+            self.counts[name] = self.counts.get(name, 0) + 1
+            import traceback
+
+            frames = [f for f in traceback.extract_stack(limit=40)[:-3] if "fastpref" in f.filename]
+            if frames:
+                f = frames[-1]
+                self.where.setdefault(name, []).append(f"{f.filename.split('fastpref/')[-1]}:{f.lineno}")
