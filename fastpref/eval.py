@@ -298,6 +298,14 @@ def warmed_reference(run_cfg, model: torch.nn.Module) -> str | None:
     return None
 
 
+def run_beta(run_cfg) -> float:
+    """The implicit-reward beta of the run: its algorithm section's ``beta`` (``dpo.beta``, ``kto.beta``,
+    ``online_dpo.beta``, ...); 0.1 (TRL's default) without a run config or for an algorithm without one (sft, rm,
+    ppo) or with a zero one (grpo's KL coefficient)."""
+    sec = run_cfg.sections.get(run_cfg.algorithm) if run_cfg is not None else None
+    return getattr(sec, "beta", None) or 0.1
+
+
 def _base_config(run_cfg):
     """``run_cfg`` with LoRA and packing off and fp32 weights: the run's starting model, as evaluation loads it."""
     import copy
@@ -325,14 +333,14 @@ def check_compatible(policy, reference, what: str = "reference") -> None:
 @torch.no_grad()
 def pair_logps(model, examples: list[dict], pad_id: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs ``(chosen [P], rejected [P])`` (fp32, CPU) of preference ``examples``."""
-    from fastpref.data.collate import collate_preference, split_pairs
+    from fastpref.data.collate import collate_preference
     from fastpref.train.modeling import sequence_logps
 
     dev = next(model.parameters()).device
     cs, rs = [], []
     for i in range(0, len(examples), batch_size):
         batch = collate_preference(examples[i:i + batch_size], pad_id, device=dev)
-        c, r = split_pairs(sequence_logps(model, batch)[0], batch)
+        c, r = batch.split_pairs(sequence_logps(model, batch))
         cs.append(c.float().cpu())
         rs.append(r.float().cpu())
     return torch.cat(cs), torch.cat(rs)
@@ -359,7 +367,7 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
     out = []
     for i in range(0, len(prompt_ids), batch_size):
         seqs = [(list(p), list(c)) for p, c in zip(prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size])]
-        out.append(sequence_logps(model, pad_sequences(seqs, pad_id, device=dev))[0].float().cpu())
+        out.append(sequence_logps(model, pad_sequences(seqs, pad_id, device=dev)).float().cpu())
     return torch.cat(out)
 
 
@@ -538,7 +546,7 @@ def evaluate(opts: EvalOptions) -> dict:
         raise EvalError(f"--model {opts.model}: no run config.yaml next to it names the reference; pass --reference")
     reference = reference.to(dev)
     check_compatible(policy, reference)
-    beta = opts.beta if opts.beta is not None else (run_cfg.loss.beta if run_cfg is not None else 0.1)
+    beta = opts.beta if opts.beta is not None else run_beta(run_cfg)
     examples = _load_data(opts, tokenizer)
     if not examples:
         raise EvalError("no preference pairs to evaluate")
@@ -702,7 +710,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--reward", help="reward function: exact_match, math_answer, arith, format:<re>, module:fn")
     ap.add_argument("--reward-model", help="sequence-classification reward model directory (algorithm=rm's final/)")
     ap.add_argument("--judge", help="causal-LM judge directory (the Self-Rewarding 5-point prompt)")
-    ap.add_argument("--beta", type=float, help="implicit-reward beta (default: the run's loss.beta, else 0.1)")
+    ap.add_argument("--beta", type=float,
+                    help="implicit-reward beta (default: the run's <algorithm>.beta, e.g. dpo.beta, else 0.1)")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=1.0)

@@ -177,16 +177,28 @@ class HostSyncCounter:
     tests) every such call counts, whatever the tensor's device, except ``cpu()``; with ``True`` only calls on
     tensors that are not on the CPU count (an honest count on a GPU run). A ``TorchFunctionMode``: it sees the
     forward and the backward of autograd functions run on this thread.
+
+    Attribution: each sync is charged to the library of the innermost Python frame outside ``torch`` (the code
+    that asked for the value): ``fastpref``, ``transformers`` or ``other`` (:attr:`by_origin`, :attr:`own` =
+    fastpref's). :attr:`where` lists, per method, ``file:line`` of the innermost fastpref frame (for a
+    transformers sync: the fastpref call that led to it); :attr:`origin_where` the innermost non-torch frame.
     """
 
     def __init__(self, device_only: bool = False):
         self.device_only = device_only
         self.counts: dict[str, int] = {}
         self.where: dict[str, list[str]] = {}
+        self.by_origin: dict[str, int] = {}
+        self.origin_where: dict[str, list[str]] = {}
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def own(self) -> int:
+        """Syncs asked for by fastpref's own code (innermost non-torch frame in ``fastpref``)."""
+        return self.by_origin.get("fastpref", 0)
 
     def __enter__(self) -> "HostSyncCounter":
         from torch.overrides import TorchFunctionMode
@@ -220,9 +232,38 @@ class HostSyncCounter:
                 not self.device_only or t.device.type != "cpu")
         if hit:
             self.counts[name] = self.counts.get(name, 0) + 1
-            import traceback
+            import sys
 
-            frames = [f for f in traceback.extract_stack(limit=40)[:-3] if "fastpref" in f.filename]
-            if frames:
-                f = frames[-1]
-                self.where.setdefault(name, []).append(f"{f.filename.split('fastpref/')[-1]}:{f.lineno}")
+            frames, f = [], sys._getframe(1)
+            while f is not None and len(frames) < 80:  # innermost first: (module, file, line)
+                mod = f.f_globals.get("__name__", "")
+                if mod != __name__:
+                    frames.append((mod, f.f_code.co_filename, f.f_lineno))
+                f = f.f_back
+            outside = next((fr for fr in frames if _top(fr[0]) != "torch"), None)
+            origin = "other"
+            if outside is not None:
+                origin = _top(outside[0]) if _top(outside[0]) in ("fastpref", "transformers") else "other"
+                self.origin_where.setdefault(name, []).append(f"{_short(outside)}:{outside[2]}")
+            self.by_origin[origin] = self.by_origin.get(origin, 0) + 1
+            ours = next((fr for fr in frames if _top(fr[0]) == "fastpref"), None)
+            if ours is not None:
+                self.where.setdefault(name, []).append(f"{_short(ours).split('/', 1)[-1]}:{ours[2]}")
+
+
+
+def _top(module: str) -> str:
+    return module.split(".", 1)[0]
+
+
+def _short(frame: tuple[str, str, int]) -> str:
+    """``package/sub/file.py`` of a frame, from its module name (``fastpref.attention.hf`` ->
+    ``fastpref/attention/hf.py``)."""
+    import os
+
+    mod, filename, _ = frame
+    base = os.path.basename(filename)
+    parts = mod.split(".")
+    if parts and parts[-1] == os.path.splitext(base)[0]:
+        parts = parts[:-1]
+    return "/".join(parts + [base]) if mod and mod != "__main__" else filename

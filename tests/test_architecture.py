@@ -121,7 +121,14 @@ def test_precompute_cache_lookup_and_checkpoint():
     with ref.network() as net:
         assert net is pol and not pol.training and not pol.adapters_off
     assert pol.training
-    batch = {"uid": torch.tensor([2, 0]), "input_ids": torch.zeros(4, 1, dtype=torch.long)}
+    from fastpref.data.batch import Batch
+
+    z = torch.zeros(4, 1, dtype=torch.long)
+    batch = Batch(input_ids=z, targets=z, position_ids=z, seq_index=torch.arange(4), scored_lengths=z[:, 0],
+                  attention_mask=z, uid=torch.tensor([2, 0]))
+    packed = Batch(input_ids=z.reshape(1, 4), targets=z.reshape(4), position_ids=z.reshape(1, 4),
+                   seq_index=torch.arange(4), scored_lengths=z[:, 0], cu_seqlens=torch.arange(5, dtype=torch.int32),
+                   cu_seqlens_host=(0, 1, 2, 3, 4), max_seqlen=1, uid=torch.tensor([2, 0]))
     with pytest.raises(RuntimeError, match="precompute cache not built"):
         ref.sequence_logps(batch)
     with pytest.raises(ValueError, match="holds no precomputed reference log-probs"):
@@ -130,7 +137,7 @@ def test_precompute_cache_lookup_and_checkpoint():
     assert ref.cache.dtype == torch.float32 and list(ref.state_dict()) == ["cache"]
     # padded layout: slot 0 of every example, then slot 1; packed (cu_seqlens): interleaved per example
     assert ref.sequence_logps(batch).tolist() == [4.0, 0.0, 5.0, 1.0]
-    assert ref.sequence_logps({**batch, "cu_seqlens": None}).tolist() == [4.0, 5.0, 0.0, 1.0]
+    assert ref.sequence_logps(packed).tolist() == [4.0, 5.0, 0.0, 1.0]
 
 
 def test_none_refuses_log_probs():

@@ -338,10 +338,10 @@ def test_immutable_changes_are_refused_and_a_new_lr_takes_effect(killed, tmp_pat
     run = _copy(killed, tmp_path)
     before = (run / "config.yaml").read_text()
     with pytest.raises(ckpt.CheckpointError) as e:
-        _run(run, "loss.beta=0.2", "reference.mode=precompute", "data.synthetic_rows=40")
+        _run(run, "dpo.beta=0.2", "reference.mode=precompute", "data.synthetic_rows=40")
     msg = str(e.value)
     assert "\n" not in msg and "cannot change mid-run" in msg
-    for part in ("loss.beta: 0.1 -> 0.2", 'reference.mode: "auto" -> "precompute"', "data.synthetic_rows: 48 -> 40",
+    for part in ("dpo.beta: 0.1 -> 0.2", 'reference.mode: "auto" -> "precompute"', "data.synthetic_rows: 48 -> 40",
                  "data content (sha256): "):
         assert part in msg, msg
     assert (run / "config.yaml").read_text() == before
@@ -400,8 +400,8 @@ def test_a_finished_run_is_not_retrained(tmp_path, capsys):
     assert "larger train.max_steps (it continues from checkpoint step-4)" in text  # the last step is checkpointed
     assert os.stat(final).st_mtime_ns == stamp and (out / "metrics.jsonl").read_text() == metrics
     # a changed immutable setting is still refused, not "finished"
-    assert main(argv + ["loss.beta=0.3"]) == 2
-    assert "loss.beta: 0.1 -> 0.3" in capsys.readouterr().err
+    assert main(argv + ["dpo.beta=0.3"]) == 2
+    assert "dpo.beta: 0.1 -> 0.3" in capsys.readouterr().err
     # extending it resumes from where it ended
     assert main(argv[:-1] + ["train.max_steps=6", "train.log_every=1", "--quiet"]) == 0
     text = capsys.readouterr().out

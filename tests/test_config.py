@@ -12,13 +12,13 @@ from fastpref.train.config import (Config, ConfigError, config_help, dump_config
 
 def test_yaml_then_overrides_with_coercion(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("algorithm: kto\nloss:\n  beta: 0.3\ntrain:\n  max_steps: 7\nmodel:\n  lora:\n    r: 4\n")
-    cfg = load_config(str(p), ["loss.beta=0.25", "train.batch_size=3", "model.lora.enabled=true",
+    p.write_text("algorithm: kto\nkto:\n  beta: 0.3\ntrain:\n  max_steps: 7\nmodel:\n  lora:\n    r: 4\n")
+    cfg = load_config(str(p), ["kto.beta=0.25", "train.batch_size=3", "model.lora.enabled=true",
                                "model.lora.target_modules=[q_proj,v_proj]", "optim.max_grad_norm=null",
                                "train.cpu_threads=2",
                                "data.train_files=[a.json,b.jsonl]", "data.eval_files=/x/a,b.jsonl", "optim.lr=1e-3"])
     assert cfg.algorithm == "kto" and cfg.train.max_steps == 7 and cfg.model.lora.r == 4
-    assert cfg.loss.beta == 0.25 and isinstance(cfg.loss.beta, float)
+    assert cfg.sections["kto"].beta == 0.25 and isinstance(cfg.sections["kto"].beta, float)
     assert cfg.train.batch_size == 3 and isinstance(cfg.train.batch_size, int)
     assert cfg.model.lora.enabled is True
     assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]
@@ -30,7 +30,7 @@ def test_yaml_then_overrides_with_coercion(tmp_path):
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("loss.bta=0.1", "did you mean 'loss.beta'"),
+    ("dpo.bta=0.1", "did you mean 'dpo.beta'"),
     ("trian.max_steps=3", "did you mean 'train'"),
     ("model.lora.rank=4", "did you mean 'model.lora.r'"),
     ("train.max_steps=abc", "train.max_steps: expected an integer"),
@@ -67,7 +67,7 @@ def test_every_field_has_a_docstring():
                 walk(f.default_factory)
     walk(Config)
     text = config_help()
-    assert "loss.beta = 0.1" in text and "Inverse temperature" in text
+    assert "dpo.beta = 0.1" in text and "Inverse temperature" in text
 
 
 def test_registered_section_round_trips():
@@ -97,12 +97,12 @@ def test_dump_round_trips(tmp_path):
 def test_cli_help_print_config_and_errors(capsys, tmp_path):
     assert main(["--help"]) == 0
     assert "model.lora.enabled" in capsys.readouterr().out
-    assert main(["--print-config", "--demo", "loss.beta=0.5"]) == 0
+    assert main(["--print-config", "--demo", "dpo.beta=0.5"]) == 0
     out = capsys.readouterr().out
     assert "beta: 0.5" in out and "sft_warmup_steps: 60" in out
-    assert main(["loss.bta=1"]) == 2
+    assert main(["dpo.bta=1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fastpref: error: ") and "loss.beta" in err and "Traceback" not in err
+    assert err.startswith("fastpref: error: ") and "dpo.beta" in err and "Traceback" not in err
     assert main([str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read config file" in capsys.readouterr().err
 

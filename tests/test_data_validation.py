@@ -125,16 +125,16 @@ def test_collate_targets_are_shifted_response_tokens():
     exs = [TOK.example(normalise(GOOD, "preference")),
            TOK.example(normalise({"prompt": "q>", "chosen": "rs", "rejected": "tuvw"}, "preference"))]
     b = collate_preference(exs, c.pad_token_id)
-    assert b["input_ids"].shape[0] == 4
+    assert b.input_ids.shape[0] == 4
     for row, (e, key) in enumerate([(exs[0], "chosen_ids"), (exs[1], "chosen_ids"), (exs[0], "rejected_ids"),
                                     (exs[1], "rejected_ids")]):
         full = e["prompt_ids"] + e[key]
-        assert b["input_ids"][row, :len(full)].tolist() == full
-        assert int(b["attention_mask"][row].sum()) == len(full)
+        assert b.input_ids[row, :len(full)].tolist() == full
+        assert int(b.attention_mask[row].sum()) == len(full)
         # independent: position t predicts full[t+1]; scored iff t+1 is a response position
         want = [full[t + 1] if t + 1 >= len(e["prompt_ids"]) and t + 1 < len(full) else -100
-                for t in range(b["targets"].shape[1])]
-        assert b["targets"][row].tolist() == want
+                for t in range(b.targets.shape[1])]
+        assert b.targets[row].tolist() == want
     with pytest.raises(ValueError, match="empty batch"):
         pad_sequences([], 0)
 

@@ -60,7 +60,7 @@ def test_accuracy_and_margin_match_own_logits(run_dir, pairs_file):
     cfg = run_config_of(str(run_dir))
     tok = load_tokenizer(str(run_dir / "final"))
     pol, ref = load_causal_lm(str(run_dir), tok, cfg), load_run_start(cfg, tok)
-    beta = cfg.loss.beta
+    beta = cfg.sections[cfg.algorithm].beta
     ch = [beta * (_own_logp(pol, r["prompt"], r["chosen"], tok) - _own_logp(ref, r["prompt"], r["chosen"], tok))
           for r in rows]
     rj = [beta * (_own_logp(pol, r["prompt"], r["rejected"], tok) - _own_logp(ref, r["prompt"], r["rejected"], tok))

@@ -170,7 +170,7 @@ def test_logps_equal_the_models_own_logits(name, layout, precision):
         with torch.no_grad():
             w, b = lm_head(model)
             plain = linear_logprobs(decoder_hidden(model, pad_sequences(seqs, 0)), w,
-                                    pad_sequences(seqs, 0)["targets"], bias=b, impl="torch")
+                                    pad_sequences(seqs, 0).targets, bias=b, impl="torch")
         plain = torch.cat([plain[i, len(p) - 1:len(p) - 1 + len(r)] for i, (p, r) in enumerate(seqs)])
         assert float((plain - ref).abs().max()) > 100 * tol, f"{name}: the transform does not matter in this test"
 
@@ -258,7 +258,6 @@ def test_algorithms_use_the_transform(name):
     """The algorithms' fused losses and the on-line per-token log-probs get the transform (policy and reference):
     SFT's loss, DPO's logged policy log-probs and GRPO's ``token_logps`` equal the model's own logits."""
     from fastpref.train.algorithms.base import ALGORITHMS, Runtime, load_builtin_algorithms
-    from fastpref.train.online.common import token_logps as online_token_logps
     from fastpref.train.reference import make_reference
     from fastpref.train.rollout import pack
 
@@ -285,6 +284,26 @@ def test_algorithms_use_the_transform(name):
         assert float(m["logps/rejected"]) == pytest.approx(rejected, abs=10 * tol)
         assert float(m["rewards/margins"]) == pytest.approx(0.0, abs=1e-4)  # the reference agrees with the policy
         batch = pack([p for p, _ in seqs], [r for _, r in seqs])
-        tok = online_token_logps(model, batch)
+        tok = token_logps(model, batch)
         ours = torch.cat([tok[batch.targets != -100]])
         torch.testing.assert_close(ours, torch.cat(own), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f[3] is None])
+def test_packed_forward_passes_the_boundaries_explicitly(name, monkeypatch):
+    """Every packable family hands ``cu_seq_lens_q``/``max_length_q`` (``fastpref.attention.hf``) through to the
+    attention of each layer: the boundaries are never derived from ``position_ids`` and a packed forward makes no
+    host sync at all (fastpref's or transformers')."""
+    import fastpref.attention.hf as hf
+    from fastpref.testing import HostSyncCounter
+
+    _, packed_model = _models(name)
+
+    def derived(*a, **k):
+        raise AssertionError(f"{name}: the attention derived the boundaries from position_ids")
+
+    monkeypatch.setattr(hf, "cu_seqlens_from_position_ids", derived)
+    batch = pack_sequences(_seqs(BASE["vocab_size"]))
+    with torch.no_grad(), HostSyncCounter() as c:
+        token_logps(packed_model, batch, impl="torch")
+    assert c.total == 0, (name, c.origin_where)

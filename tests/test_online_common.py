@@ -20,7 +20,8 @@ from fastpref.train.modeling import build_model, build_tokenizer
 from fastpref.train.online import common
 from fastpref.train.online.common import ReplayBuffer, best_worst_pairs, parse_judge_score
 from fastpref.train.reference import make_reference
-from fastpref.train.rollout import GenerationConfig, generate, pack, policy_hidden
+from fastpref.train.modeling import decoder_hidden, sequence_logps, token_logps
+from fastpref.train.rollout import GenerationConfig, generate, pack
 
 
 # ------------------------------------------------------------------------------------------------ harness
@@ -39,7 +40,7 @@ def make_algo(name: str, *, rows=None, n_rows: int = 64, seed: int = 0, ref: boo
               train_stream: bool = False, **section):
     """(algorithm, examples) for ``name`` with a tiny model; ``gen_<field>`` keys set ``generation`` fields. The
     examples carry a ``uid`` as the trainer's do; ``train_stream`` also hands them to the algorithm as its training
-    split (``rt.extras["train_examples"]``)."""
+    split (``rt.train_examples``)."""
     import fastpref.train.online  # noqa: F401  (registers)
 
     cfg = Config(algorithm=name)
@@ -60,8 +61,8 @@ def make_algo(name: str, *, rows=None, n_rows: int = 64, seed: int = 0, ref: boo
     rows = rows if rows is not None else make_arith(n_rows, seed=seed)
     examples = [{"prompt_ids": tok.encode(r["prompt"]), "completion_ids": tok.encode(r["answer"]) + [tok.eos_token_id],
                  "row": r, "source": f"arith:{i}", "uid": i} for i, r in enumerate(rows)]
-    extras = {"train_examples": examples} if train_stream else {}
-    algo = cls(cfg, Runtime(cfg, model, tok, torch.device("cpu"), reference, extras=extras))
+    rt = Runtime(cfg, model, tok, torch.device("cpu"), reference, train_examples=examples if train_stream else [])
+    algo = cls(cfg, rt)
     return algo, examples
 
 
@@ -73,6 +74,7 @@ def run_steps(algo, examples, steps: int, *, lr: float = 1e-2, batch_size: int =
     for step in range(start, start + steps):
         batch = [examples[(step * batch_size + i) % len(examples)] for i in range(batch_size)]
         algo.step_metrics = {}
+        algo.rt.steps_done = step  # as the trainer: where the extra optimizers read the run's schedule
         micro = algo.micro_batches(batch, step + 1)  # the trainer counts steps from 1
         opt.zero_grad(set_to_none=True)
         metrics = {}
@@ -88,9 +90,11 @@ def run_steps(algo, examples, steps: int, *, lr: float = 1e-2, batch_size: int =
 
 
 def snapshot(algo, opt) -> dict:
-    """What the trainer's checkpoint holds (deep-copied)."""
+    """What the trainer's checkpoint holds (deep-copied), the extra optimizers (``Runtime.build_optimizer``:
+    module weights and optimizer state) included."""
     ref = algo.rt.reference
     return copy.deepcopy({"model": algo.rt.model.state_dict(), "opt": opt.state_dict(), "algo": algo.state_dict(),
+                          "extra": algo.rt.optimizer_state(),
                           "ref": ref.state_dict() if ref is not None else {}, "rng": torch.get_rng_state()})
 
 
@@ -99,6 +103,7 @@ def restore(algo, snap: dict, lr: float = 1e-2):
     if algo.rt.reference is not None:
         algo.rt.reference.load_state_dict(snap["ref"])
     algo.load_state_dict(copy.deepcopy(snap["algo"]))
+    algo.rt.load_optimizer_state(copy.deepcopy(snap["extra"]))
     opt = torch.optim.AdamW([p for p in algo.rt.model.parameters() if p.requires_grad], lr=lr)
     opt.load_state_dict(snap["opt"])
     torch.set_rng_state(snap["rng"])
@@ -180,19 +185,19 @@ def test_replay_mixing_ratio_fifo_and_state():
 
 def test_pack_layout_hand_case():
     b = pack([[1, 2, 3], [4]], [[7, 8], [9, 5]])
-    assert b.input_ids.tolist() == [1, 2, 3, 7, 8, 4, 9, 5]
-    assert b.position_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert b.input_ids[0].tolist() == [1, 2, 3, 7, 8, 4, 9, 5]
+    assert b.position_ids[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
     # targets[t] = next token where that token is a completion token
     assert b.targets.tolist() == [-100, -100, 7, 8, -100, 9, 5, -100]
-    assert b.cu_seqlens.tolist() == [0, 5, 8] and b.cu_seqlens_cpu == [0, 5, 8]
-    assert b.seq_ids.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
-    assert b.completion_lengths.tolist() == [2, 2]
+    assert b.cu_seqlens.tolist() == [0, 5, 8] and b.cu_seqlens_host == (0, 5, 8)
+    assert b.token_seq_ids().tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert b.scored_lengths.tolist() == [2, 2]
 
 
 def test_pack_pairs_interleaves_chosen_and_rejected():
     b = common.pack_pairs([common.Pair([1], [2], [3, 4]), common.Pair([5, 6], [7], [8])])
-    assert b.input_ids.tolist() == [1, 2, 1, 3, 4, 5, 6, 7, 5, 6, 8]
-    assert b.completion_lengths.tolist() == [1, 2, 1, 1]
+    assert b.input_ids[0].tolist() == [1, 2, 1, 3, 4, 5, 6, 7, 5, 6, 8]
+    assert b.scored_lengths.tolist() == [1, 2, 1, 1]
 
 
 def _tiny(pack: bool = False):
@@ -214,20 +219,20 @@ def test_packed_logps_match_full_logits_per_sequence(packed_attention):
     prompts = [tok.encode("1+2="), tok.encode("3*3=")]
     comps = [tok.encode("3") + [tok.eos_token_id], tok.encode("90")]
     b = pack(prompts, comps)
-    logp = common.token_logps(model, b)
-    seq = common.sequence_logps(model, b)
+    logp = token_logps(model, b)
+    seq = sequence_logps(model, b)
     for i, (p, c) in enumerate(zip(prompts, comps)):
         ids = torch.tensor([p + c])
         full = torch.log_softmax(oracle(input_ids=ids).logits[0].double(), -1)
         want = torch.stack([full[len(p) - 1 + j, t] for j, t in enumerate(c)])
-        s, e = b.cu_seqlens_cpu[i], b.cu_seqlens_cpu[i + 1]
+        s, e = b.cu_seqlens_host[i], b.cu_seqlens_host[i + 1]
         got = logp[s:e][b.targets[s:e] != -100]
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(seq[i].double(), want.sum(), rtol=1e-6, atol=1e-6)
     # the trunk's hidden states of the packed batch equal a single-sequence forward
-    h = policy_hidden(model, b)
+    h = decoder_hidden(model, b)
     alone = oracle.get_decoder()(input_ids=torch.tensor([prompts[1] + comps[1]])).last_hidden_state[0]
-    torch.testing.assert_close(h[b.cu_seqlens_cpu[1]:], alone)
+    torch.testing.assert_close(h[b.cu_seqlens_host[1]:], alone)
 
 
 def test_generate_groups_eos_and_truncation():

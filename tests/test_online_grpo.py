@@ -99,9 +99,9 @@ def test_dynamic_sampling_drops_zero_variance_groups_and_refills():
     assert m["dynamic_sampling/dropped_groups"] >= n_even
     assert m["dynamic_sampling/refills"] >= 1 and len(seen) == 1 + m["dynamic_sampling/refills"]
     kept = int(m["dynamic_sampling/kept_groups"])
-    assert sum(mb["packed"].completion_lengths.numel() for mb in micro) == 4 * kept
+    assert sum(mb.batch.scored_lengths.numel() for mb in micro) == 4 * kept
     for mb in micro:  # every kept group has reward variance, so non-zero advantages
-        adv = mb["advantages"].view(-1, 4)
+        adv = mb.advantages.view(-1, 4)
         assert bool((adv.abs().sum(dim=1) > 0).all())
 
 
@@ -134,7 +134,7 @@ def test_dynamic_sampling_refills_with_fresh_prompts_then_from_the_pool():
     calls = _record_rollouts(algo)
     algo.step_metrics = {}
     micro = algo.micro_batches(ex[:4], 1)
-    assert micro[0]["packed"] is None and algo.step_metrics["skipped"] == 1.0
+    assert micro[0].batch is None and algo.step_metrics["skipped"] == 1.0
     order = list(range(10))
     random.Random("grpo-refill:0").shuffle(order)
     fresh = [u for u in order if u >= 4]

@@ -29,17 +29,17 @@ def test_online_dpo_runs_refreshes_reference_and_matches_naive_dpo():
     (mb,) = algo.micro_batches(ex[:4], 1)
     assert algo.step_metrics["pairs/count"] >= 1
     loss, m = algo.compute_loss(mb)
-    b = mb["packed"]
+    b = mb.batch
 
     def seq_logp(net, i):
-        s, e = b.cu_seqlens_cpu[i], b.cu_seqlens_cpu[i + 1]
-        ids = b.input_ids[s:e]
-        n_c = int(b.completion_lengths[i])
+        s, e = b.cu_seqlens_host[i], b.cu_seqlens_host[i + 1]
+        ids = b.input_ids[0, s:e]
+        n_c = int(b.scored_lengths[i])
         lp = torch.log_softmax(net(input_ids=ids[None]).logits[0].double(), -1)
         return sum(lp[t - 1, ids[t]] for t in range(ids.numel() - n_c, ids.numel()))
 
     with torch.no_grad():
-        n = b.completion_lengths.numel() // 2
+        n = b.scored_lengths.numel() // 2
         margins = torch.stack([(seq_logp(model, 2 * i) - seq_logp(ref, 2 * i))
                                - (seq_logp(model, 2 * i + 1) - seq_logp(ref, 2 * i + 1)) for i in range(n)])
     torch.testing.assert_close(loss.double(), -F.logsigmoid(0.5 * margins).mean(), rtol=1e-6, atol=1e-8)
@@ -83,12 +83,12 @@ def test_spin_end_to_end_gold_is_chosen_and_generated_by_the_opponent():
     algo, ex = make_algo("spin", rows=rows, steps_per_iteration=2, beta=0.1, gen_max_new_tokens=3, reward="arith")
     algo.step_metrics = {}
     (mb,) = algo.micro_batches(ex[:4], 1)
-    b = mb["packed"]
+    b = mb.batch
     tok = algo.rt.tokenizer
-    for i in range(b.completion_lengths.numel() // 2):   # chosen = the gold answer + EOS
-        e = b.cu_seqlens_cpu[2 * i + 1]
-        n_c = int(b.completion_lengths[2 * i])
-        assert tok.decode(b.input_ids[e - n_c:e].tolist()) in {r["answer"] for r in rows}
+    for i in range(b.scored_lengths.numel() // 2):   # chosen = the gold answer + EOS
+        e = b.cu_seqlens_host[2 * i + 1]
+        n_c = int(b.scored_lengths[2 * i])
+        assert tok.decode(b.input_ids[0, e - n_c:e].tolist()) in {r["answer"] for r in rows}
     hist, _ = run_steps(algo, ex, 3, batch_size=4, lr=1e-2)
     assert [h["round"] for h in hist] == [0.0, 1.0, 1.0]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)

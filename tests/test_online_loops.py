@@ -15,10 +15,11 @@ from test_online_common import one_cpu_thread  # noqa: F401  (autouse fixture: o
 from test_online_common import assert_same_params, interrupted_and_resumed, make_algo, run_steps
 
 from fastpref.data.arith import arith_sft_rows, make_arith
-from fastpref.train.online.common import CannotLearn, parse_judge_score, score_signal, sequence_logps
+from fastpref.train.modeling import sequence_logps
+from fastpref.train.online.common import CannotLearn, parse_judge_score, score_signal
 from fastpref.train.online.dice import search_length_alpha
 from fastpref.train.online.self_rewarding import DEFAULT_JUDGE_TEMPLATE
-from fastpref.train.rollout import pack
+from fastpref.train.rollout import Rollout, pack
 
 
 def _count_rollouts(algo):
@@ -103,9 +104,9 @@ def test_self_rewarding_eft_iteration_trains_the_judgement_nll():
     algo.step_metrics = {}
     (mb,) = algo.micro_batches(ex[:4], 1)
     loss, m = algo.compute_loss(mb)
-    b = mb["packed"]                                          # the token-mean NLL of the judgements, directly
+    b = mb.batch                                          # the token-mean NLL of the judgements, directly
     with torch.no_grad():
-        nll = -sequence_logps(algo.rt.model, b, pad_id=algo.pad_id).sum() / b.completion_lengths.sum()
+        nll = -sequence_logps(algo.rt.model, b).sum() / b.scored_lengths.sum()
     torch.testing.assert_close(loss.detach(), nll, rtol=1e-5, atol=1e-6)
     assert algo.step_metrics["eft/examples"] == 128 and "pairs/count" not in algo.step_metrics
     hist, _ = run_steps(algo, ex, 3, batch_size=4, lr=2e-2, start=1)
@@ -169,6 +170,38 @@ def test_dice_resume_mid_iteration_continues_exactly(tmp_path):
     assert_same_params(a.score_ref, b.score_ref)
 
 
+def test_dice_drop_truncated_leaves_cut_responses_out_of_every_pair(tmp_path):
+    # sail-sg/dice drops the responses stopped at the length limit before pairing (generate_dpo_scores.py)
+    assert search_length_alpha([1.0, None, 0.0], [1, 1, 1], 3, [0.0]) == (0.0, [(0, 2)], 0.0)
+    probe, _ = make_algo("dice")
+    _save_perturbed(probe, tmp_path / "sft")
+    algo, ex = make_algo("dice", reference_path=str(tmp_path / "sft"), drop_truncated=True, steps_per_iteration=2,
+                         iteration_prompts=8, gen_num_generations=4, train_stream=True)
+    tok = algo.rt.tokenizer
+    eos = tok.eos_token_id
+    made = []
+
+    def rollout(chunk, **kw):  # per prompt: two answers that ended (EOS), two cut at the token budget
+        def enc(text):
+            return list(tok.encode(text, add_special_tokens=False))
+
+        ids = [x for i in range(len(chunk))
+               for x in (enc(str(i % 10)) + [eos], enc(str((i + 1) % 10)) + [eos], enc(f"1{i % 10}"), enc("98"))]
+        ro = Rollout([e["row"]["prompt"] for e in chunk for _ in range(4)],
+                     [list(e["prompt_ids"]) for e in chunk for _ in range(4)], ids, ["?"] * 4 * len(chunk),
+                     [False, False, True, True] * len(chunk), 4)
+        made.append(ro)
+        return ro
+
+    algo.rollout = rollout
+    hist, _ = run_steps(algo, ex, 1, batch_size=4)
+    cut = {tuple(c) for ro in made for c, t in zip(ro.completion_ids, ro.truncated) if t}
+    gen = algo._iter_data                                    # no offline data: every pair is generated
+    assert gen and len(gen) == hist[0]["pairs/generated"]
+    assert all(tuple(p.chosen_ids) not in cut and tuple(p.rejected_ids) not in cut for p in gen)
+    assert hist[0]["dice/truncated"] == 16 and hist[0]["signal/truncated_responses"] == 16
+
+
 def test_dice_with_a_policy_equal_to_its_reference_stops_with_one_line(caplog):
     algo, ex = make_algo("dice", steps_per_iteration=2, gen_num_generations=3, gen_max_new_tokens=2)
     with pytest.raises(CannotLearn, match=r"dice: nothing to learn for a whole iteration .*constant reward: 24/24"):
@@ -187,12 +220,12 @@ def test_ilr_dpo_loss_is_length_regularised_dpo_on_the_iterations_pairs():
     algo.step_metrics = {}
     (mb,) = algo.micro_batches(ex[:4], 1)
     loss, _ = algo.compute_loss(mb)
-    b = mb["packed"]
+    b = mb.batch
     with torch.no_grad():
-        pi = sequence_logps(algo.rt.model, b, pad_id=algo.pad_id).double()
-        ref = sequence_logps(algo.ref_module(), b, pad_id=algo.pad_id).double()
+        pi = sequence_logps(algo.rt.model, b).double()
+        ref = sequence_logps(algo.ref_module(), b).double()
     d = pi - ref
-    lens = b.completion_lengths.double()
+    lens = b.scored_lengths.double()
     want = -F.logsigmoid(0.5 * (d[0::2] - d[1::2]) + 0.2 * (lens[0::2] - lens[1::2])).mean()
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
     algo.micro_batches(ex[:4], 2)

@@ -61,13 +61,13 @@ def test_ppo_rollout_advantages_match_naive_gae(critic):
             return algo.critic.head(algo.critic.trunk(input_ids=ids[None]).last_hidden_state[0])
     algo.step_metrics = {}
     (mb,) = algo.micro_batches(ex[:3], 0)
-    b = mb["packed"]
+    b = mb.batch
     ref_model = algo.ref_module()
     adv_all, ret_all = [], []
-    for i in range(b.completion_lengths.numel()):
-        s, e = b.cu_seqlens_cpu[i], b.cu_seqlens_cpu[i + 1]
-        ids = b.input_ids[s:e]
-        n_c = int(b.completion_lengths[i])
+    for i in range(b.scored_lengths.numel()):
+        s, e = b.cu_seqlens_host[i], b.cu_seqlens_host[i + 1]
+        ids = b.input_ids[0, s:e]
+        n_c = int(b.scored_lengths[i])
         n_p = ids.numel() - n_c
         comp = ids[n_p:]
         with torch.no_grad():
@@ -93,9 +93,9 @@ def test_ppo_rollout_advantages_match_naive_gae(critic):
     adv, ret = torch.cat(adv_all), torch.cat(ret_all)
     white = (adv - adv.mean()) / torch.sqrt(adv.var(unbiased=True) + 1e-8)
     on = b.targets != -100
-    torch.testing.assert_close(mb["returns"][on].double(), ret, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mb["advantages"][on].double(), white, rtol=1e-5, atol=1e-6)
-    assert bool((mb["advantages"][~on] == 0).all())
+    torch.testing.assert_close(mb.returns[on].double(), ret, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mb.advantages[on].double(), white, rtol=1e-5, atol=1e-6)
+    assert bool((mb.advantages[~on] == 0).all())
 
 
 @pytest.mark.parametrize("critic", [{}, {"critic": "separate", "critic_lr": 3e-2}], ids=["shared", "separate"])
@@ -205,7 +205,7 @@ def test_separate_critic_from_a_saved_model(tmp_path, kind):
         assert not algo.critic.head.weight.any()
     algo.step_metrics = {}
     (mb,) = algo.micro_batches(ex[:2], 1)
-    assert (mb["values"].abs().sum() > 0) == (kind == "sequence_classification")
+    assert (mb.values.abs().sum() > 0) == (kind == "sequence_classification")
 
 
 def test_ppo_critic_config_errors(tmp_path):

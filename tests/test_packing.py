@@ -27,7 +27,7 @@ def test_sft_pack_targets_positions_cu():
     assert b.input_ids.tolist() == [[0, 1, 2, 3, 10, 11, 12, 20, 21, 22, 23, 24, 25]]
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4, 5]]
     assert b.cu_seqlens.dtype == torch.int32 and b.cu_seqlens.tolist() == [0, 4, 7, 13]
-    assert b.max_seqlen == 6 and b.unit_bounds == [0, 4, 7, 13]
+    assert b.max_seqlen == 6 and b.unit_bounds == (0, 4, 7, 13)
     # targets[t] = labels[t + 1]; -100 at each sequence's last token
     assert b.targets.tolist() == [-100, 2, 3, -100, 11, 12, -100, -100, -100, 23, 24, 25, -100]
 
@@ -37,10 +37,10 @@ def test_pairs_and_groups_stay_together():
     bs = pack_examples(exs, 12, unit_size=2)
     # FFD over units [8, 4, 7]: 8 -> bin0; 7 -> bin1; 4 -> bin0 (room 4)
     assert [b.seq_index.tolist() for b in bs] == [[0, 1, 2, 3], [4, 5]]
-    assert bs[0].unit_bounds == [0, 8, 12] and bs[0].cu_seqlens.tolist() == [0, 3, 8, 10, 12]
+    assert bs[0].unit_bounds == (0, 8, 12) and bs[0].cu_seqlens.tolist() == [0, 3, 8, 10, 12]
     gs = pack_examples([_ex(2, 1)] * 6, 7, unit_size=3)
     assert [g.seq_index.tolist() for g in gs] == [[0, 1, 2], [3, 4, 5]]
-    assert gs[1].unit_bounds == [0, 6] and gs[1].position_ids.tolist() == [[0, 1, 0, 1, 0, 1]]
+    assert gs[1].unit_bounds == (0, 6) and gs[1].position_ids.tolist() == [[0, 1, 0, 1, 0, 1]]
 
 
 def test_padded_same_meaning_trl_order():
@@ -59,9 +59,12 @@ def test_padded_same_meaning_trl_order():
         assert p.attention_mask[row].sum() == n
 
 
-def test_to_device_keeps_cpu_cu():
-    b = pack_examples([_ex(3, 1)], 8)[0].to("cpu")
-    assert b.cu_seqlens_device is not None and b.cu_seqlens.device.type == "cpu"
+def test_to_device_moves_cu_and_keeps_the_host_copy():
+    b = pack_examples([_ex(3, 1)], 8)[0]
+    assert b.cu_seqlens_host == (0, 3) and b.packed and b.num_seqs == 1 and b.num_tokens == 3
+    moved = b.to("cpu")
+    assert moved.cu_seqlens.device.type == "cpu" and moved.cu_seqlens_host == (0, 3)
+    assert moved.scored_lengths.tolist() == [2]  # targets [1, 2, -100]
 
 
 @pytest.mark.parametrize("exs,kw,match", [

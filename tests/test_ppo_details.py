@@ -6,6 +6,7 @@ resume in the middle of a shuffled rollout."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -102,9 +103,9 @@ def test_ppo_fits_the_normaliser_on_initial_policy_samples_and_applies_it():
 # ------------------------------------------------------------------------------------ mini-batches
 
 def _sequences(mb) -> list[tuple[int, ...]]:
-    b = mb["packed"]
-    cu = b.cu_seqlens_cpu
-    return [tuple(b.input_ids[cu[i]:cu[i + 1]].tolist()) for i in range(len(cu) - 1)]
+    b = mb.batch
+    cu = b.cu_seqlens_host
+    return [tuple(b.input_ids[0, cu[i]:cu[i + 1]].tolist()) for i in range(len(cu) - 1)]
 
 
 def test_mini_batches_shuffle_and_cover_the_rollout_once_per_epoch():
@@ -129,9 +130,9 @@ def test_mini_batches_shuffle_and_cover_the_rollout_once_per_epoch():
     per_seq = {}
     for mbs in steps:
         for mb in mbs:
-            b, cu = mb["packed"], mb["packed"].cu_seqlens_cpu
+            b, cu = mb.batch, mb.batch.cu_seqlens_host
             for i, seq in enumerate(_sequences(mb)):
-                adv = tuple(mb["advantages"][cu[i]:cu[i + 1]].tolist())
+                adv = tuple(mb.advantages[cu[i]:cu[i + 1]].tolist())
                 per_seq.setdefault(seq, set()).add(adv)
     assert all(len(v) == 1 for v in per_seq.values())
 
@@ -217,7 +218,7 @@ def test_entropy_bonus_and_dual_clip_reach_the_loss():
     assert float(m1["loss/policy"] - m0["loss/policy"]) == pytest.approx(-0.1 * float(m0["entropy"]), rel=1e-5)
     algo.sec.entropy_coef = 0.0
     # ratio e^5 on every token and advantage -1: the clipped PPO loss is the ratio (148.4); the dual clip caps it at 3
-    far = dict(mb, old=mb["old"] - 5.0, advantages=torch.where(mb["packed"].mask.bool(), -1.0, 0.0))
+    far = dataclasses.replace(mb, old=mb.old - 5.0, advantages=torch.where(mb.batch.scored_mask.bool(), -1.0, 0.0))
     _, plain = algo.compute_loss(far)
     assert float(plain["loss/policy"]) == pytest.approx(float(torch.exp(torch.tensor(5.0))), rel=1e-4)
     algo.sec.dual_clip = 3.0

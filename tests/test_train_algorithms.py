@@ -27,10 +27,10 @@ def tiny_cfg(tmp_path, *overrides, name="run"):
 CASES = {
     "sft": ([], "eval/loss"),
     "dpo": (["train.sft_warmup_steps=4"], "eval/loss"),
-    "dpo-ipo": (["algorithm=dpo", "loss.type=ipo"], "eval/loss"),
+    "dpo-ipo": (["algorithm=dpo", "dpo.loss_type=ipo"], "eval/loss"),
     "kto": ([], "eval/loss"),
     "orpo": ([], "eval/loss"),
-    "simpo": (["loss.beta=2.0"], "eval/loss"),
+    "simpo": (["simpo.beta=2.0"], "eval/loss"),
     "cpo": ([], "eval/loss"),
     "rm": (["optim.lr=1e-3"], "eval/loss"),
 }
@@ -93,8 +93,8 @@ def _tok():
 
 def _naive_seq_logps(model, batch):
     """fp64 per-sequence log-probs from the full logits (independent of the fused path)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
-    t = batch["targets"]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+    t = batch.targets
     lp = torch.log_softmax(logits, -1).gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (lp * (t != -100)).sum(-1)
 
@@ -121,7 +121,7 @@ def _runtime(tmp_path, algo, *extra):
 
 
 def test_dpo_loss_and_grad_match_full_logits_fp64(tmp_path):
-    algo, exs, ref = _runtime(tmp_path, "dpo", "loss.beta=0.3")
+    algo, exs, ref = _runtime(tmp_path, "dpo", "dpo.beta=0.3")
     batch = algo.collate(exs)
     loss, m = algo.compute_loss(batch)
     loss.backward()
@@ -147,19 +147,19 @@ def test_sft_and_kto_match_full_logits_fp64(tmp_path):
     batch = algo.collate(exs)
     loss, _ = algo.compute_loss(batch)
     model64 = algo.rt.model.double()
-    logits = model64(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    naive = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1), ignore_index=-100)
+    logits = model64(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    naive = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1), ignore_index=-100)
     assert abs(loss.item() - naive.item()) < 1e-4
 
-    algo, exs, ref = _runtime(tmp_path, "kto", "loss.beta=0.5")
+    algo, exs, ref = _runtime(tmp_path, "kto", "kto.beta=0.5")
     batch = algo.collate(exs)
     loss, m = algo.compute_loss(batch)
     model64, ref64 = algo.rt.model.double(), ref.model.double()
     with torch.no_grad():
         rho = _naive_seq_logps(model64, batch) - _naive_seq_logps(ref64, batch)
-        kl_b = batch["kl"]
+        kl_b = batch.kl
         z0 = (_naive_seq_logps(model64, kl_b) - _naive_seq_logps(ref64, kl_b)).mean().clamp(min=0)
-    lab = batch["labels"]
+    lab = batch.labels
     per = torch.where(lab, 1 - torch.sigmoid(0.5 * (rho - z0)), 1 - torch.sigmoid(0.5 * (z0 - rho)))
     assert abs(loss.item() - per.mean().item()) < 1e-4
     assert abs(m["kl"].item() - z0.item()) < 1e-4
@@ -199,9 +199,9 @@ def test_packed_equals_padded(tmp_path, algo):
         else:
             batch = collate_single(exs, pad, pack=pack)
             if algo == "kto":
-                batch["kl"] = collate_single([{"prompt_ids": e["prompt_ids"], "completion_ids": exs[(i + 1) % len(exs)]
+                batch.kl = collate_single([{"prompt_ids": e["prompt_ids"], "completion_ids": exs[(i + 1) % len(exs)]
                                                ["completion_ids"]} for i, e in enumerate(exs)], pad, pack=pack)
-        assert ("cu_seqlens" in batch) == pack
+        assert batch.packed == pack
         algo_obj.rt.model.zero_grad()
         loss, m = algo_obj.compute_loss(batch)
         loss.backward()

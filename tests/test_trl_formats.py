@@ -226,10 +226,10 @@ def test_sft_mask_survives_collation_padded_and_packed():
     for pack in (False, True):
         b = collate_single(exs, TOK.pad_token_id, pack=pack)
         if pack:
-            starts = b["cu_seqlens"].tolist()
-            rows = [b["targets"][starts[i]:starts[i + 1]] for i in range(len(exs))]
+            starts = b.cu_seqlens_host
+            rows = [b.targets[starts[i]:starts[i + 1]] for i in range(len(exs))]
         else:
-            rows = [b["targets"][i] for i in range(len(exs))]
+            rows = [b.targets[i] for i in range(len(exs))]
         for ex, tg in zip(exs, rows):
             ids, mask = ex["prompt_ids"] + ex["completion_ids"], _trained(ex)
             want = [ids[t + 1] if mask[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]

@@ -55,11 +55,22 @@ MAPPED = [
     (["use_peft=true", "lora_r=4", "lora_alpha=8"], {"model.lora.enabled": True, "model.lora.r": 4,
                                                      "model.lora.alpha": 8}, "-> model.lora.r"),
     (["precompute_ref_log_probs=true"], {"reference.mode": "precompute"}, "-> reference.mode=precompute"),
-    (["beta=0.2"], {"loss.beta": 0.2}, "TRL key 'beta' -> loss.beta"),
-    (["algorithm=kto", "beta=0.2", "desirable_weight=1.5"], {"loss.beta": 0.2, "loss.desirable_weight": 1.5},
-     "-> loss.desirable_weight"),
-    (["loss_type=ipo"], {"loss.type": "ipo"}, "TRL key 'loss_type' -> loss.type"),
-    (["beta=0.04", "algorithm=grpo"], {"grpo.beta": 0.04, "loss.beta": 0.1}, "TRL key 'beta' -> grpo.beta"),
+    (["beta=0.2"], {"dpo.beta": 0.2}, "TRL key 'beta' -> dpo.beta"),
+    (["algorithm=kto", "beta=0.2", "desirable_weight=1.5"], {"kto.beta": 0.2, "kto.desirable_weight": 1.5},
+     "-> kto.desirable_weight"),
+    (["loss_type=ipo"], {"dpo.loss_type": "ipo"}, "TRL key 'loss_type' -> dpo.loss_type"),
+    (["beta=0.04", "algorithm=grpo"], {"grpo.beta": 0.04, "dpo.beta": 0.1}, "TRL key 'beta' -> grpo.beta"),
+    (["algorithm=simpo", "simpo_gamma=0.8"], {"simpo.gamma": 0.8}, "TRL key 'simpo_gamma' -> simpo.gamma"),
+    (["algorithm=cpo", "simpo_gamma=0.8", "cpo_alpha=0.5", "alpha=0.1"],
+     {"cpo.simpo_gamma": 0.8, "cpo.cpo_alpha": 0.5, "cpo.alpha": 0.1}, "TRL key 'alpha' -> cpo.alpha"),
+    (["loss_type=[sigmoid,sft]", "loss_weights=[1,0.5]", "ld_alpha=0.5", "discopop_tau=0.1"],
+     {"dpo.loss_type": ["sigmoid", "sft"], "dpo.loss_weights": [1.0, 0.5], "dpo.ld_alpha": 0.5,
+      "dpo.discopop_tau": 0.1}, "TRL key 'ld_alpha' -> dpo.ld_alpha"),
+    (["f_divergence_type=alpha_divergence", "f_alpha_divergence_coef=0.3", "rpo_alpha=0.5"],
+     {"dpo.f_divergence_type": "alpha_divergence", "dpo.f_alpha_divergence_coef": 0.3, "dpo.rpo_alpha": 0.5},
+     "TRL key 'rpo_alpha' -> dpo.rpo_alpha"),
+    (["algorithm=rm", "center_rewards_coefficient=0.01", "loss_type=log_exp"],
+     {"rm.center_rewards_coefficient": 0.01, "rm.loss_type": "log_exp"}, "-> rm.center_rewards_coefficient"),
     (["algorithm=grpo", "loss_type=dr_grpo", "num_generations=8", "max_completion_length=32", "temperature=0.7",
       "epsilon_high=0.28", "num_iterations=2"],
      {"grpo.loss_type": "dr_grpo", "grpo.generation.num_generations": 8, "grpo.generation.max_new_tokens": 32,
@@ -159,7 +170,9 @@ HINTS = [
     ("algorithm=ppo num_generation=8", "did you mean 'ppo.generation.num_generations'?"),
     ("train.lr=1e-3", "did you mean 'optim.lr'?"),
     ("data.max_seq_length=128", "did you mean 'data.max_length'?"),
-    ("loss.bta=0.1", "did you mean 'loss.beta'?"),
+    ("dpo.bta=0.1", "did you mean 'dpo.beta'?"),
+    ("loss.bta=0.1", "did you mean 'dpo.beta'?"),
+    ("algorithm=simpo simpo.simpo_gamma=0.1", "did you mean 'simpo.gamma'?"),
     ("trian.max_steps=3", "did you mean 'train'?"),
 ]
 
@@ -190,7 +203,7 @@ def test_overrides_alone_start_from_plain_defaults_and_bare_train_is_the_demo(ca
     out = capsys.readouterr().out
     assert "sft_warmup_steps: 60" in out and "max_steps: 200" in out
     p = tmp_path / "c.yaml"
-    p.write_text("loss: {beta: 0.2}\n")
+    p.write_text("dpo: {beta: 0.2}\n")
     assert main(["--demo", str(p)]) == 2
     assert "--demo and a config file" in capsys.readouterr().err
     assert main(["--bogus"]) == 2

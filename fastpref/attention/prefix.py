@@ -103,7 +103,8 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     if not isinstance(layout, PrefixLayout):
         raise ValueError(f"prefix_attention: layout must be a PrefixLayout, got {type(layout).__name__}")
     return _attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, causal=causal, softmax_scale=softmax_scale,
-                      impl=impl, op="prefix_attention", ranges=layout.ranges, parent_ranges=layout.parent_ranges)
+                      impl=impl, op="prefix_attention", ranges=layout.ranges, parent_ranges=layout.parent_ranges,
+                      cu_host=layout.cu_host)
 
 
 @dataclass

@@ -10,7 +10,8 @@ Each sequence attends to itself only::
 Grouped-query attention: q head ``h`` reads kv head ``h // (Hq // Hkv)``. ``impl="triton"`` runs the
 FlashAttention-2 kernels of ``fastpref.kernels.varlen_attention`` (O(total) memory, logsumexp saved for the
 backward, deterministic GQA gradients); ``impl="torch"`` runs one ``scaled_dot_product_attention`` per
-sequence (it reads ``cu_seqlens`` on the host: a device sync, fine for a reference, not for a hot path).
+sequence (it reads the boundaries on the host: ``cu_seqlens_host`` when given, else ``cu_seqlens.tolist()``, a
+device sync).
 Shared-prefix attention (a segment additionally attending to its parent prompt) goes through the same
 function with a ``fastpref.attention.prefix.PrefixLayout``; see that module.
 
@@ -53,12 +54,13 @@ class _VarlenAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _torch_attention(q, k, v, cu_seqlens, causal, scale, parent_ranges):
-    """Per-sequence SDPA (the twin). ``parent_ranges``: host list of (start, end) key ranges, or None."""
+def _torch_attention(q, k, v, cu_seqlens, causal, scale, parent_ranges, cu_host=None):
+    """Per-sequence SDPA (the twin). ``parent_ranges``: host list of (start, end) key ranges, or None;
+    ``cu_host``: the boundaries as host ints (else read from ``cu_seqlens``: a host sync)."""
     group = q.shape[1] // k.shape[1]
     kk = k.repeat_interleave(group, dim=1) if group > 1 else k
     vv = v.repeat_interleave(group, dim=1) if group > 1 else v
-    cu = cu_seqlens.tolist()  # host sync: the twin is a reference, not a hot path
+    cu = list(cu_host) if cu_host is not None else cu_seqlens.tolist()  # tolist: a host sync
     out = torch.zeros_like(q)
     for s in range(len(cu) - 1):
         a, b = cu[s], cu[s + 1]
@@ -108,10 +110,13 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale, op):
 
 
 def _attention(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, impl, op, ranges=None,
-               parent_ranges=None):
+               parent_ranges=None, cu_host=None):
     """Shared body of ``varlen_attention`` and ``prefix_attention`` (ranges: the kernel's int32 prefix
-    tensors; parent_ranges: the same on the host for the twin, computed lazily)."""
+    tensors; parent_ranges: the same on the host for the twin, computed lazily; cu_host: the boundaries on the
+    host, for the twin)."""
     _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale, op)
+    if cu_host is not None and len(cu_host) != cu_seqlens.numel():
+        raise ValueError(f"{op}: cu_seqlens_host has {len(cu_host)} entries, cu_seqlens {cu_seqlens.numel()}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     which = resolve_impl(impl, q.device, op=op)
     dtype = _amp.compute_dtype(q, k, v)
@@ -121,12 +126,13 @@ def _attention(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, impl, 
     with _amp.no_autocast(q.device):
         if which == "torch":
             pr = parent_ranges() if callable(parent_ranges) else parent_ranges
-            return _torch_attention(q, k, v, cu_seqlens, causal, scale, pr)
+            return _torch_attention(q, k, v, cu_seqlens, causal, scale, pr, cu_host)
         return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, causal, scale, ranges)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                     *, causal: bool = True, softmax_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+                     *, causal: bool = True, softmax_scale: float | None = None, impl: str = "auto",
+                     cu_seqlens_host=None) -> torch.Tensor:
     """Attention of each packed sequence to itself: ``q [total, Hq, D]``, ``k``/``v`` ``[total, Hkv, D]``,
     ``cu_seqlens`` int32 ``[S + 1]`` on q's device, ``max_seqlen`` a Python int >= the longest sequence.
 
@@ -134,6 +140,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     ``torch.autocast``; else the promoted dtype -- module docstring); differentiable w.r.t. q, k, v, gradients in
     their own dtypes. ``softmax_scale`` defaults to ``1/sqrt(D)``. Same contract as flash-attn's
     ``flash_attn_varlen_func`` with equal q/k boundaries. Tokens past ``cu_seqlens[-1]`` get a zero output.
+    ``cu_seqlens_host``: optionally the same boundaries as host ints (a tuple or list), which the PyTorch twin
+    reads instead of copying ``cu_seqlens`` to the host (a device sync); the Triton kernels never need it.
     """
     return _attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale, impl=impl,
-                      op="varlen_attention")
+                      op="varlen_attention", cu_host=cu_seqlens_host)

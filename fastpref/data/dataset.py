@@ -26,7 +26,8 @@ sharegpt                ``conversations`` [{from, value}] [+          with chose
 Messages may carry ``tool_calls`` (assistant) and come from the ``tool`` role; a row's ``tools`` column (a list or
 its JSON string) and ``chat_template_kwargs`` go to the chat template, as in TRL. Text-only content-part lists
 (``[{"type": "text", "text": ...}]``) are joined into one string. A row whose format its algorithm cannot use is a
-:class:`BadRow` that lists the formats that algorithm accepts (:func:`accepted_formats`).
+:class:`BadRow` that lists the formats that algorithm accepts (:func:`accepted_formats`). A preference row's
+``margin`` (a number; TRL's ``RewardTrainer`` column) is kept on the example as ``margin`` (the ``rm`` loss reads it).
 
 Tokenising follows TRL's trainers: a string prompt is used as it is (no chat template); a conversational row is
 rendered with the chat template (``data.chat_template``; ``auto`` needs the tokenizer to have one, ``none`` joins
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -463,6 +465,11 @@ def normalise_all(row: Any, kind: str, fmt: str = "auto") -> list[dict]:
         raise BadRow("<row>", f"a {FORMATS[found]} row cannot be used here; {accepted_formats(kind)}")
     ex = _canonical(row, found)
     extras = _template_extras(row)
+    if kind == "preference" and row.get("margin") is not None:  # TRL's RewardTrainer margin column
+        m = row["margin"]
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+            raise BadRow("margin", f"expected a finite number, got {m!r}")
+        extras["margin"] = float(m)
     if kind == "kto" and "chosen" in ex:  # TRL's unpair_preference_dataset
         return [{"prompt": ex["prompt"], "completion": ex[k], "label": k == "chosen", **extras}
                 for k in ("chosen", "rejected")]
@@ -729,6 +736,8 @@ class Tokenization:
                 out["loss_mask"] = mask
         if "label" in ex:
             out["label"] = ex["label"]
+        if "margin" in ex:  # a preference row's margin (TRL's RewardTrainer column; the rm algorithm reads it)
+            out["margin"] = ex["margin"]
         return out
 
 

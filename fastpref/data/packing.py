@@ -7,17 +7,18 @@ of ``unit_size`` examples that must stay together and in order: 1 for SFT/KTO, 2
 
 ``pack_examples`` places units into bins of at most ``max_tokens`` tokens by first-fit-decreasing (units
 sorted by token count, largest first, each put into the first bin with room; Johnson 1973: at most
-11/9 OPT + 6/9 bins) and returns one ``PackedBatch`` per bin. Within a bin units keep their input order, so
-pairs stay interleaved (sequence ``2i`` chosen, ``2i + 1`` rejected) and group members consecutive -- the
-project's packed-batch convention. Output per bin (``N`` tokens, ``S`` sequences)::
+11/9 OPT + 6/9 bins) and returns one packed :class:`fastpref.data.batch.Batch` per bin. Within a bin units keep
+their input order, so pairs stay interleaved (sequence ``2i`` chosen, ``2i + 1`` rejected) and group members
+consecutive -- the project's packed-batch convention. Output per bin (``N`` tokens, ``S`` sequences)::
 
-    input_ids    [1, N]   the sequences concatenated
-    position_ids [1, N]   0, 1, ... restarting at each sequence start (what HF's packed attention reads)
-    targets      [N]      targets[t] = labels[t + 1] inside a sequence, -100 at each sequence's last token
-    cu_seqlens   [S + 1]  int32 token boundaries, on the CPU (chunk planning without a device sync)
-    max_seqlen   int
-    seq_index    [S]      which input example each packed sequence is
-    unit_bounds  list     token boundaries of the units [0, ..., N] (for ``fastpref.ops.plan_chunks``)
+    input_ids       [1, N]   the sequences concatenated
+    position_ids    [1, N]   0, 1, ... restarting at each sequence start
+    targets         [N]      targets[t] = labels[t + 1] inside a sequence, -100 at each sequence's last token
+    cu_seqlens      [S + 1]  int32 token boundaries (moved to the device with the batch)
+    cu_seqlens_host tuple    the same boundaries as Python ints (chunk planning, attention: no device sync)
+    max_seqlen      int
+    seq_index       [S]      which input example each packed sequence is
+    unit_bounds     tuple    token boundaries of the units (0, ..., N) (for ``fastpref.ops.plan_chunks``)
 
 ``collate_padded`` gives the same meaning without packing (``pack=false``): rows right-padded to the
 longest, ``targets [B, T]`` shifted the same way, and for pairs the TRL row order (all chosen, then all
@@ -26,53 +27,9 @@ rejected).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-
 import torch
 
-IGNORE_INDEX = -100
-
-
-@dataclass
-class PackedBatch:
-    """One packed row; see the module docstring for the meaning of each field."""
-
-    input_ids: torch.Tensor
-    targets: torch.Tensor
-    position_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    seq_index: torch.Tensor
-    unit_bounds: list[int]
-    cu_seqlens_device: torch.Tensor | None = field(default=None)
-    """``cu_seqlens`` on the compute device (set by ``to``; the CPU copy stays for chunk planning)."""
-
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.shape[1]
-
-    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
-        """A copy with the token tensors (and ``cu_seqlens_device``) on ``device``; ``cu_seqlens`` stays on the CPU."""
-        mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(self, input_ids=mv(self.input_ids), targets=mv(self.targets),
-                       position_ids=mv(self.position_ids), seq_index=mv(self.seq_index),
-                       cu_seqlens_device=mv(self.cu_seqlens))
-
-
-@dataclass
-class PaddedBatch:
-    """Padded rows with the packed batch's meaning: ``input_ids``/``attention_mask``/``position_ids``/``targets``
-    ``[B, T]``; ``seq_index [B]`` the example of each row."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    targets: torch.Tensor
-    seq_index: torch.Tensor
-
-    def to(self, device, non_blocking: bool = False) -> "PaddedBatch":
-        return PaddedBatch(*(t.to(device, non_blocking=non_blocking) for t in
-                             (self.input_ids, self.attention_mask, self.position_ids, self.targets, self.seq_index)))
+from fastpref.data.batch import IGNORE_INDEX, Batch
 
 
 def _checked(examples: list[dict], unit_size: int) -> list[tuple[list[int], list[int]]]:
@@ -117,7 +74,7 @@ def first_fit_decreasing(sizes: list[int], budget: int) -> list[list[int]]:
 
 
 def pack_examples(examples: list[dict], max_tokens: int, *, unit_size: int = 1,
-                  ignore_index: int = IGNORE_INDEX) -> list[PackedBatch]:
+                  ignore_index: int = IGNORE_INDEX) -> list[Batch]:
     """First-fit-decreasing packing of units of ``unit_size`` consecutive examples into rows of at most
     ``max_tokens`` tokens. Raises ``ValueError`` naming the example when one is empty or its unit is longer
     than ``max_tokens``."""
@@ -133,32 +90,38 @@ def pack_examples(examples: list[dict], max_tokens: int, *, unit_size: int = 1,
             raise ValueError(f"{what}: {n} tokens > max_tokens={max_tokens}")
     batches = []
     for units in first_fit_decreasing(sizes, max_tokens):
-        ids, tgt, pos, cu, index, unit_bounds = [], [], [], [0], [], [0]
+        ids, tgt, pos, cu, index, unit_bounds, scored = [], [], [], [0], [], [0], []
         for u in units:
             for e in range(u * unit_size, (u + 1) * unit_size):
                 s_ids, s_labels = seqs[e]
+                shifted = _shifted(s_labels, ignore_index)
                 ids += s_ids
-                tgt += _shifted(s_labels, ignore_index)
+                tgt += shifted
                 pos += range(len(s_ids))
                 cu.append(cu[-1] + len(s_ids))
                 index.append(e)
+                scored.append(sum(t != ignore_index for t in shifted))
             unit_bounds.append(cu[-1])
-        batches.append(PackedBatch(
+        batches.append(Batch(
             input_ids=torch.tensor([ids], dtype=torch.long),
             targets=torch.tensor(tgt, dtype=torch.long),
             position_ids=torch.tensor([pos], dtype=torch.long),
-            cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-            max_seqlen=max(b - a for a, b in zip(cu, cu[1:])),
             seq_index=torch.tensor(index, dtype=torch.long),
-            unit_bounds=unit_bounds,
+            scored_lengths=torch.tensor(scored, dtype=torch.long),
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+            cu_seqlens_host=tuple(cu),
+            max_seqlen=max(b - a for a, b in zip(cu, cu[1:])),
+            unit_bounds=tuple(unit_bounds),
+            unit_size=unit_size,
         ))
     return batches
 
 
 def collate_padded(examples: list[dict], pad_id: int, *, unit_size: int = 1,
-                   ignore_index: int = IGNORE_INDEX) -> PaddedBatch:
-    """Right-padded rows with the same target convention as ``pack_examples``. For pairs (``unit_size=2``,
-    examples given as chosen, rejected, chosen, ...) rows follow TRL: all chosen first, then all rejected."""
+                   ignore_index: int = IGNORE_INDEX) -> Batch:
+    """A padded :class:`Batch`: right-padded rows with the same target convention as ``pack_examples``. For pairs
+    (``unit_size=2``, examples given as chosen, rejected, chosen, ...) rows follow TRL: all chosen first, then all
+    rejected."""
     seqs = _checked(examples, unit_size)
     order = list(range(len(seqs)))
     if unit_size == 2:
@@ -176,4 +139,6 @@ def collate_padded(examples: list[dict], pad_id: int, *, unit_size: int = 1,
         mask[row, :n] = 1
         pos[row, :n] = torch.arange(n)
         tgt[row, :n] = torch.tensor(_shifted(s_labels, ignore_index))
-    return PaddedBatch(ids, mask, pos, tgt, torch.tensor(order, dtype=torch.long))
+    return Batch(input_ids=ids, targets=tgt, position_ids=pos, seq_index=torch.tensor(order, dtype=torch.long),
+                 scored_lengths=(tgt != ignore_index).sum(-1), attention_mask=mask,
+                 max_seqlen=max(len(s[0]) for s in seqs), unit_size=unit_size)

@@ -16,8 +16,10 @@ Inputs (the packed-batch convention of the project):
 
 * padded ``hidden [B, T, H]`` with ``targets [B, T]`` in TRL order: rows ``0..B/2-1`` are the chosen and rows
   ``B/2..B-1`` the rejected responses of the same prompts (KTO: one example per row);
-* packed ``hidden [N, H]`` or ``[1, N, H]`` with ``cu_seqlens`` ``[S+1]`` (a CPU tensor or a list, to plan the
-  chunks without a device sync): pairs interleaved, sequence ``2i`` chosen and ``2i+1`` rejected (KTO: any order).
+* packed ``hidden [N, H]`` or ``[1, N, H]`` with ``cu_seqlens`` ``[S+1]``: pairs interleaved, sequence ``2i``
+  chosen and ``2i+1`` rejected (KTO: any order). The chunks are planned on the host: pass the boundaries as host
+  ints (a list or tuple), or the device tensor together with its host copy ``cu_seqlens_host`` (what the
+  trainer does: ``fastpref.data.batch.Batch``); a device tensor alone is read back (one host sync).
 
 ``targets`` are already shifted (``targets[t]`` is the token predicted at ``t``) and hold ``ignore_index`` on
 prompt, padding and last positions. The reference is given as precomputed per-sequence log-probs, or as reference
@@ -33,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastpref.losses.preference import (BATCH_COUPLED_DPO_LOSS_TYPES, CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES,
-                                        cpo_loss, dpo_loss, kto_loss, orpo_loss)
+from fastpref.losses.preference import (BATCH_COUPLED_DPO_LOSS_TYPES, CPO_LOSS_TYPES, KTO_LOSS_TYPES, DPOOptionError,
+                                        check_dpo_options, cpo_loss, dpo_loss, kto_loss, orpo_loss)
 from fastpref.ops import default_chunk_rows, fused_linear_chunked_loss, linear_logprobs, plan_chunks, segment_sum
 from fastpref.ops._chunks import logit_map
 
@@ -117,13 +119,14 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 
     # -- the engine ---------------------------------------------------------------------------------------------
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
-                cu_seqlens: Tensor | Sequence[int] | None = None, ref_logps=None, ref_hidden: Tensor | None = None,
-                ref_weight: Tensor | None = None, ref_bias: Tensor | None = None, **kwargs):
+                cu_seqlens: Tensor | Sequence[int] | None = None, cu_seqlens_host: Sequence[int] | None = None,
+                ref_logps=None, ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None,
+                ref_bias: Tensor | None = None, **kwargs):
         """``(loss, metrics)``; see the module docstring for the layouts. ``ref_logps``: ``(chosen [P],
         rejected [P])`` for pair losses, ``[B]`` for KTO (already LD-weighted if ``ld_alpha`` is used, as TRL's
         precomputed reference log-probs are)."""
         name = type(self).__name__
-        b = self._layout(name, hidden, targets, cu_seqlens)
+        b = self._layout(name, hidden, targets, cu_seqlens, cu_seqlens_host)
         if self.needs_tail:
             b.tail_weight = self._tail_weight(b)
         if self.skip_unscored:
@@ -186,7 +189,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         return dict(temperature=self.temperature, softcap=self.softcap, logit_scale=self.logit_scale)
 
     # -- layout -------------------------------------------------------------------------------------------------
-    def _layout(self, name, hidden, targets, cu_seqlens) -> _Batch:
+    def _layout(self, name, hidden, targets, cu_seqlens, cu_seqlens_host=None) -> _Batch:
         if not isinstance(hidden, torch.Tensor) or not isinstance(targets, torch.Tensor):
             raise ValueError(f"{name}: hidden and targets must be tensors")
         perm = None
@@ -210,8 +213,11 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
                 raise ValueError(f"{name}: packed input needs hidden [N, H] (or [1, N, H]) and targets [N]; got "
                                  f"{tuple(hidden.shape)} and {tuple(targets.shape)}")
-            # A CUDA cu_seqlens costs one sync here: pass the collator's CPU copy.
-            bounds = [int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)]
+            host = cu_seqlens_host if cu_seqlens_host is not None else cu_seqlens
+            # a device tensor without its host copy costs one sync here (the chunks are planned on the host)
+            bounds = [int(x) for x in (host.tolist() if isinstance(host, torch.Tensor) else host)]
+            if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.numel() != len(bounds):
+                raise ValueError(f"{name}: cu_seqlens_host has {len(bounds)} entries, cu_seqlens {cu_seqlens.numel()}")
             if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != hidden.shape[0] or any(
                     y < x for x, y in zip(bounds[:-1], bounds[1:])):
                 raise ValueError(f"{name}: cu_seqlens must rise from 0 to N={hidden.shape[0]}, got {bounds[:8]}...")
@@ -219,7 +225,10 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 raise ValueError(f"{name}: packed pairs need an even number of sequences (chosen, rejected "
                                  f"interleaved), got {len(bounds) - 1}")
             h, t = hidden, targets
-        cu = torch.tensor(bounds, device=h.device)
+        if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device == h.device:
+            cu = cu_seqlens.long()  # the device copy: no host-to-device transfer
+        else:
+            cu = torch.tensor(bounds, device=h.device)
         lengths = segment_sum((t != self.ignore_index).float(), cu)
         return _Batch(hidden=h, targets=t, bounds=bounds, cu=cu, lengths=lengths, perm=perm)
 
@@ -295,55 +304,67 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 
 
 def sequence_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, cu_seqlens: Tensor | Sequence[int] | None = None,
-                   bias: Tensor | None = None, temperature: float = 1.0, softcap: float | None = None,
-                   logit_scale: float = 1.0, ignore_index: int = -100, impl: str = "auto",
-                   chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+                   cu_seqlens_host: Sequence[int] | None = None, bias: Tensor | None = None,
+                   temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+                   ignore_index: int = -100, impl: str = "auto", chunk_size: int | None = None,
+                   check_targets: bool = True) -> tuple[Tensor, Tensor]:
     """Per-sequence summed log-probs and scored-token counts, straight from hidden states (no full logits).
 
     ``temperature``, ``softcap``, ``logit_scale`` (the model's final-logit transform) and mixed dtypes as in
     ``fastpref.ops.linear_logprobs``.
 
-    ``hidden [B, T, H]`` (one sequence per row, in row order) or packed ``[N, H]`` with ``cu_seqlens``. Returns
-    ``(logps [S] fp32, lengths [S] fp32)``; differentiable through ``linear_logprobs`` (recompute engine). Use it
-    under ``torch.no_grad()`` to precompute reference log-probs, or KTO's mismatched-pair log-probs for ``z0``
-    (``FusedLinearKTOLoss(..., kl_logps=(policy, ref))``).
+    ``hidden [B, T, H]`` (one sequence per row, in row order) or packed ``[N, H]`` with ``cu_seqlens`` (host ints,
+    or the device tensor with its host copy ``cu_seqlens_host``; a device tensor alone costs one sync for the
+    shape check). Returns ``(logps [S] fp32, lengths [S] fp32)``; differentiable through ``linear_logprobs``
+    (recompute engine). Use it under ``torch.no_grad()`` to precompute reference log-probs, or KTO's
+    mismatched-pair log-probs for ``z0`` (``FusedLinearKTOLoss(..., kl_logps=(policy, ref))``). The trainer's
+    model-level ``fastpref.train.modeling.sequence_logps`` is this function on the model's hidden states
+    (``check_targets=False``: the collator built the targets; the check is a host sync).
     """
     if cu_seqlens is None:
         if hidden.dim() != 3 or targets.shape != hidden.shape[:2]:
             raise ValueError(f"sequence_logps: padded input needs hidden [B, T, H] and targets [B, T]; got "
                              f"{tuple(hidden.shape)} and {tuple(targets.shape)}")
         tok = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
-                              logit_scale=logit_scale, ignore_index=ignore_index, impl=impl, chunk_size=chunk_size)
+                              logit_scale=logit_scale, ignore_index=ignore_index, impl=impl, chunk_size=chunk_size,
+                              check_targets=check_targets)
         return tok.sum(-1), (targets != ignore_index).float().sum(-1)
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
-    cu = torch.as_tensor(cu_seqlens, device=h.device)
-    if cu.dim() != 1 or t.shape[0] != h.shape[0] or int(cu[-1]) != h.shape[0]:  # int(): one sync if cu is on CUDA
+    host = cu_seqlens_host if cu_seqlens_host is not None else (
+        None if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens))
+    cu = cu_seqlens.to(h.device) if isinstance(cu_seqlens, torch.Tensor) else torch.tensor(host, device=h.device)
+    end = host[-1] if host is not None else int(cu[-1])  # int(): one sync when cu is on a device without a host copy
+    if cu.dim() != 1 or t.shape[0] != h.shape[0] or end != h.shape[0] or (host is not None and len(host) != cu.numel()):
         raise ValueError(f"sequence_logps: packed input needs hidden [N, H], targets [N] and cu_seqlens ending at "
                          f"N={h.shape[0]}; got {tuple(hidden.shape)}, {tuple(targets.shape)}")
     tok = linear_logprobs(h, weight, t, bias=bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                          ignore_index=ignore_index, impl=impl, chunk_size=chunk_size)
+                          ignore_index=ignore_index, impl=impl, chunk_size=chunk_size, check_targets=check_targets)
     return segment_sum(tok, cu), segment_sum((t != ignore_index).float(), cu)
 
 
 class FusedLinearDPOLoss(FusedLinearPreferenceLoss):
     """Fused :func:`~fastpref.losses.preference.dpo_loss` (every TRL loss type, lists with weights, label
-    smoothing, f-DPO, R-DPO ``rdpo_alpha``, LD-DPO ``ld_alpha``). Token counts, the SFT term's batch normaliser and the
-    LD-DPO shared/excess split are computed from ``targets``; SPIN is this loss on (gold, generated) pairs."""
+    smoothing, f-DPO, R-DPO ``rdpo_alpha``, LD-DPO ``ld_alpha``, DPOP ``dpop_lambda``). Token counts, the SFT term's
+    batch normaliser and the LD-DPO shared/excess split are computed from ``targets``; SPIN is this loss on (gold,
+    generated) pairs. The options are checked once, here (:func:`~fastpref.losses.preference.check_dpo_options`)."""
 
     def __init__(self, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
                  loss_weights: Sequence[float] | None = None, label_smoothing: float = 0.0, rdpo_alpha: float = 0.0,
                  ld_alpha: float | None = None, discopop_tau: float = 0.05, f_divergence_type: str = "reverse_kl",
-                 f_alpha_divergence_coef: float = 0.5, **kwargs):
+                 f_alpha_divergence_coef: float = 0.5, dpop_lambda: float = 0.0, **kwargs):
         super().__init__(**kwargs)
-        types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-        for lt in types:
-            if lt not in DPO_LOSS_TYPES:
-                raise ValueError(f"FusedLinearDPOLoss: unknown loss_type {lt!r}; valid values: "
-                                 f"{', '.join(map(repr, DPO_LOSS_TYPES))}")
-        self.opts = dict(beta=beta, loss_type=types, loss_weights=loss_weights, label_smoothing=label_smoothing,
+        try:
+            types, weights = check_dpo_options(loss_type, loss_weights=loss_weights, beta=beta,
+                                               label_smoothing=label_smoothing, rdpo_alpha=rdpo_alpha,
+                                               ld_alpha=ld_alpha, discopop_tau=discopop_tau,
+                                               f_divergence_type=f_divergence_type, dpop_lambda=dpop_lambda)
+        except DPOOptionError as e:
+            raise DPOOptionError(e.option, f"FusedLinearDPOLoss: {e}") from None
+        self.opts = dict(beta=beta, loss_type=types, loss_weights=weights, label_smoothing=label_smoothing,
                          rdpo_alpha=rdpo_alpha, ld_alpha=ld_alpha, discopop_tau=discopop_tau,
-                         f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef)
+                         f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                         dpop_lambda=dpop_lambda)
         self.separable = not set(types) & set(BATCH_COUPLED_DPO_LOSS_TYPES)
         self.needs_tail = ld_alpha is not None
 

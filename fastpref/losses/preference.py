@@ -34,24 +34,167 @@ the table of formulas and the TRL comparison.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")
+class DPOPair:
+    """What a DPO loss type's per-pair term is a function of (``[P]`` tensors, fp32 or fp64), built by
+    :func:`dpo_loss` after LD-DPO's weighting, the f-divergence scores, R-DPO's and DPOP's terms.
+
+    ``rho_w``, ``rho_l``: the log-ratios ``log pi - log pi_ref`` of the chosen / rejected responses; ``s_w``,
+    ``s_l``: their f-DPO scores (``rho`` itself for reverse KL); ``logit``: the pair logit ``beta * (s_w - s_l)``
+    (+ R-DPO, - DPOP); ``pc, pr, rc, rr``: the (LD-weighted) log-probs; ``sft_logps``: the unweighted policy
+    chosen log-probs; ``eps``: ``label_smoothing``.
+    """
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def smoothed(self, z: Tensor) -> Tensor:
+        """The label-smoothed logistic loss ``-(1-eps) log sigmoid(z) - eps log sigmoid(-z)`` (cDPO)."""
+        return -(1 - self.eps) * F.logsigmoid(z) - self.eps * F.logsigmoid(-z)
+
+    def normalised(self) -> Tensor:
+        """``s_w / |y_w| - s_l / |y_l|``: the per-token score difference of the length-normalised types."""
+        return (self.s_w / self.chosen_lengths.to(self.s_w.dtype).clamp(min=1)
+                - self.s_l / self.rejected_lengths.to(self.s_w.dtype).clamp(min=1))
+
+    def mean_chosen_length(self) -> Tensor:
+        """The batch's mean chosen length (the SFT term's token-mean normaliser)."""
+        return _mean_chosen_length("dpo_loss", self.chosen_lengths, self.mean_len).to(self.sft_logps)
+
+
+def _sigmoid(t: DPOPair) -> Tensor:
+    """DPO (Rafailov et al. 2023, arXiv:2305.18290); cDPO with label smoothing (Mitchell 2023)."""
+    return t.smoothed(t.logit)
+
+
+def _hinge(t: DPOPair) -> Tensor:
+    """SLiC (Zhao et al. 2023, arXiv:2305.10425): ``max(0, 1 - logit)``."""
+    return torch.relu(1 - t.logit)
+
+
+def _ipo(t: DPOPair) -> Tensor:
+    """IPO (Azar et al. 2023, arXiv:2310.12036): ``(Delta / |y| - 1 / (2 beta))^2``, per-token log-ratios."""
+    return (t.normalised() - 1 / (2 * t.beta)) ** 2
+
+
+def _exo_pair(t: DPOPair) -> Tensor:
+    """EXO (Ji et al. 2024, arXiv:2402.00856), the pairwise form; needs ``0 < eps < 1``."""
+    z, eps = t.logit, t.eps
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+
+
+def _nca_pair(t: DPOPair) -> Tensor:
+    """NCA (Chen et al. 2024, arXiv:2402.05369), the pairwise form."""
+    b = t.beta
+    return -F.logsigmoid(b * t.rho_w) - 0.5 * F.logsigmoid(-b * t.rho_w) - 0.5 * F.logsigmoid(-b * t.rho_l)
+
+
+def _robust(t: DPOPair) -> Tensor:
+    """Robust DPO (Chowdhury et al. 2024, arXiv:2403.00409): unbiased under label flips with probability eps."""
+    z, eps = t.logit, t.eps
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+
+
+def _bco_pair(t: DPOPair) -> Tensor:
+    """BCO (Jung et al. 2024, arXiv:2404.04656), TRL's pairwise form without the running reward shift."""
+    return -F.logsigmoid(t.beta * t.rho_w) - F.logsigmoid(-t.beta * t.rho_l)
+
+
+def _sppo_hard(t: DPOPair) -> Tensor:
+    """SPPO (Wu et al. 2024, arXiv:2405.00675) with hard labels."""
+    return (t.rho_w - 0.5 / t.beta) ** 2 + (t.rho_l + 0.5 / t.beta) ** 2
+
+
+def _aot(t: DPOPair) -> Tensor:
+    """AOT (Melnyk et al. 2024, arXiv:2406.05882), paired: sorted policy ratios against sorted reference ratios."""
+    return t.smoothed(t.beta * (torch.sort(t.pc - t.pr, dim=0)[0] - torch.sort(t.rc - t.rr, dim=0)[0]))
+
+
+def _aot_unpaired(t: DPOPair) -> Tensor:
+    """AOT, unpaired: sorted chosen log-ratios against sorted rejected ones."""
+    return t.smoothed(t.beta * (torch.sort(t.rho_w, dim=0)[0] - torch.sort(t.rho_l, dim=0)[0]))
+
+
+def _apo_zero(t: DPOPair) -> Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv:2408.06266): chosen up, rejected down."""
+    return 1 - torch.sigmoid(t.beta * t.rho_w) + torch.sigmoid(t.beta * t.rho_l)
+
+
+def _apo_down(t: DPOPair) -> Tensor:
+    """APO-down (D'Oosterlinck et al. 2024): both down, the rejected more."""
+    return torch.sigmoid(t.beta * t.rho_w) + 1 - torch.sigmoid(t.beta * (t.rho_w - t.rho_l))
+
+
+def _discopop(t: DPOPair) -> Tensor:
+    """DiscoPOP (Chris Lu et al. 2024, arXiv:2406.08414): logistic / exponential blend, temperature ``tau``."""
+    m = torch.sigmoid(t.logit / t.discopop_tau)
+    return -F.logsigmoid(t.logit) * (1 - m) + torch.exp(-t.logit) * m
+
+
+def _sigmoid_norm(t: DPOPair) -> Tensor:
+    """The sigmoid loss on per-token (length-normalised) log-ratios, no smoothing (TRL's ``sigmoid_norm``)."""
+    return -F.logsigmoid(t.beta * t.normalised())
+
+
+def _sft(t: DPOPair) -> Tensor:
+    """The NLL of the chosen response, token mean over the batch (RPO, Pang et al. 2024, arXiv:2404.19733)."""
+    return -t.sft_logps / t.mean_chosen_length()
+
+
+class DPOType(typing.NamedTuple):
+    """One row of :data:`DPO_TYPES`: the per-pair term and what it is built on."""
+
+    term: Callable[[DPOPair], Tensor]
+    """``DPOPair -> [P]`` per-pair losses (a sorted order for the batch-coupled types)."""
+    logit: bool = False
+    """A function of the pair logit only: R-DPO's length term and DPOP's penalty go into it."""
+    f_div: bool = False
+    """Built on the chosen-rejected score difference: an f-divergence other than reverse KL is defined."""
+    lengths: bool = False
+    """Needs the token counts (length-normalised)."""
+    coupled: bool = False
+    """Its per-pair terms depend on the whole batch (it sorts across pairs)."""
+
+
+DPO_TYPES: dict[str, DPOType] = {
+    "sigmoid": DPOType(_sigmoid, logit=True, f_div=True),
+    "hinge": DPOType(_hinge, logit=True, f_div=True),
+    "ipo": DPOType(_ipo, f_div=True, lengths=True),
+    "exo_pair": DPOType(_exo_pair, logit=True, f_div=True),
+    "nca_pair": DPOType(_nca_pair),
+    "robust": DPOType(_robust, logit=True, f_div=True),
+    "bco_pair": DPOType(_bco_pair),
+    "sppo_hard": DPOType(_sppo_hard),
+    "aot": DPOType(_aot, coupled=True),
+    "aot_unpaired": DPOType(_aot_unpaired, coupled=True),
+    "apo_zero": DPOType(_apo_zero),
+    "apo_down": DPOType(_apo_down),
+    "discopop": DPOType(_discopop, logit=True, f_div=True),
+    "sigmoid_norm": DPOType(_sigmoid_norm, f_div=True, lengths=True),
+    "sft": DPOType(_sft, f_div=True),
+}
+"""The DPO loss types, TRL 1.16's names: one row each. A new DPO variant is one function of a
+:class:`DPOPair` and one row here; :func:`check_dpo_options`, :func:`dpo_loss`, the fused loss and the ``dpo``
+config section read this table."""
+
+DPO_LOSS_TYPES = tuple(DPO_TYPES)
 """Every ``loss_type`` of TRL 1.16's ``DPOTrainer``, with TRL's names."""
 
-BATCH_COUPLED_DPO_LOSS_TYPES = ("aot", "aot_unpaired")
+BATCH_COUPLED_DPO_LOSS_TYPES = tuple(k for k, v in DPO_TYPES.items() if v.coupled)
 """Loss types whose per-pair terms depend on the whole batch (they sort the log-ratios across pairs)."""
 
-_LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-_F_DIVERGENCE_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
-_RDPO_TYPES = ("sigmoid", "hinge", "robust", "exo_pair", "discopop")
+_F_DIVERGENCE_TYPES = tuple(k for k, v in DPO_TYPES.items() if v.f_div)
+_LOGIT_TYPES = tuple(k for k, v in DPO_TYPES.items() if v.logit)
+"""Loss types that are a function of the pair logit ``beta * Delta`` (R-DPO's and DPOP's terms go into it)."""
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 REWARD_LOSS_TYPES = ("bradley_terry", "log_exp")
@@ -135,6 +278,65 @@ def log1mexp(x: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------------------------------- DPO family
 
+class DPOOptionError(ValueError):
+    """A bad :func:`dpo_loss` option; ``option`` names it (``loss_type``, ``label_smoothing``, ...)."""
+
+    def __init__(self, option: str, msg: str):
+        super().__init__(msg)
+        self.option = option
+
+
+def check_dpo_options(loss_type: str | Sequence[str] = "sigmoid", *, loss_weights: Sequence[float] | None = None,
+                      beta: float = 0.1, label_smoothing: float = 0.0, rdpo_alpha: float = 0.0,
+                      ld_alpha: float | None = None, discopop_tau: float = 0.05,
+                      f_divergence_type: str = "reverse_kl", dpop_lambda: float = 0.0) -> tuple[list[str], list[float]]:
+    """The one check of :func:`dpo_loss`'s options (types, weights and their combinations); plain Python, no tensor.
+
+    Returns ``(loss types as a list, their weights)``. Raises :class:`DPOOptionError` naming the offending option
+    (its ``option``), so that the config layer names its key (``dpo.loss_type``).
+    :func:`dpo_loss`, :class:`~fastpref.losses.fused_preference.FusedLinearDPOLoss` and the trainer's ``dpo``
+    section all call it.
+    """
+    def bad(option: str, msg: str):
+        raise DPOOptionError(option, msg)
+
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if not types:
+        bad("loss_type", f"loss_type must name at least one loss; valid values: {', '.join(DPO_LOSS_TYPES)}")
+    for lt in types:
+        if lt not in DPO_LOSS_TYPES:
+            bad("loss_type", f"unknown loss_type {lt!r}; valid values: {', '.join(map(repr, DPO_LOSS_TYPES))}")
+    weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
+    if len(weights) != len(types):
+        bad("loss_weights", f"loss_weights has {len(weights)} entries but loss_type has {len(types)} ({types}): "
+                            "one weight per loss type")
+    if f_divergence_type not in F_DIVERGENCES:
+        bad("f_divergence_type", f"unknown f_divergence_type {f_divergence_type!r}; valid values: "
+                                 f"{', '.join(map(repr, F_DIVERGENCES))}")
+    if f_divergence_type != "reverse_kl" and not set(types) <= set(_F_DIVERGENCE_TYPES):
+        bad("f_divergence_type", f"f_divergence_type={f_divergence_type!r} is only defined for the loss types "
+                                 f"{_F_DIVERGENCE_TYPES} (it needs the chosen-rejected difference), got {types}")
+    if not beta > 0:
+        bad("beta", f"beta must be > 0, got {beta}")
+    if "exo_pair" in types and not 0.0 < label_smoothing < 1.0:
+        bad("label_smoothing", f"'exo_pair' needs 0 < label_smoothing < 1 (the paper uses 1e-3), got {label_smoothing}")
+    if "robust" in types and not 0.0 <= label_smoothing < 0.5:
+        bad("label_smoothing", f"'robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        bad("label_smoothing", f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if rdpo_alpha and not set(types) <= set(_LOGIT_TYPES) | {"sft"}:
+        bad("rdpo_alpha", f"rdpo_alpha applies to the logit-based loss types {_LOGIT_TYPES}, got {types}")
+    if not dpop_lambda >= 0:
+        bad("dpop_lambda", f"dpop_lambda must be >= 0, got {dpop_lambda}")
+    if dpop_lambda and not set(types) <= set(_LOGIT_TYPES) | {"sft"}:
+        bad("dpop_lambda", f"dpop_lambda applies to the logit-based loss types {_LOGIT_TYPES}, got {types}")
+    if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
+        bad("ld_alpha", f"ld_alpha must be in [0, 1], got {ld_alpha}")
+    if "discopop" in types and not discopop_tau > 0:
+        bad("discopop_tau", f"discopop_tau must be > 0, got {discopop_tau}")
+    return types, weights
+
+
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
              ref_rejected_logps: Tensor, *, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
              loss_weights: Sequence[float] | None = None, label_smoothing: float = 0.0,
@@ -142,7 +344,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
              mean_chosen_length: float | Tensor | None = None, rdpo_alpha: float = 0.0,
              ld_alpha: float | None = None, tail_logps: Sequence[Tensor] | None = None,
              discopop_tau: float = 0.05, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-             reduction: str = "mean", validate: bool = True) -> tuple[Tensor, dict]:
+             dpop_lambda: float = 0.0, reduction: str = "mean", validate: bool = True) -> tuple[Tensor, dict]:
     r"""DPO and every loss type of TRL 1.16's ``DPOTrainer``, from per-sequence log-probs.
 
     With :math:`\rho_w = \log\pi(y_w) - \log\pi_{ref}(y_w)`, :math:`\rho_l` likewise, :math:`\Delta = \rho_w - \rho_l`
@@ -178,11 +380,17 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 
     ``loss_type`` may be a list, combined as ``sum_k loss_weights[k] * mean(loss_k)`` (weights default to 1).
 
-    Length control:
+    Length control and DPOP:
 
     * R-DPO (``rdpo_alpha``): ``alpha * (|y_w| - |y_l|)`` is added to the pair logit ``beta * Delta`` inside the
       loss (Park et al. 2024, Eq. 9): a pair whose chosen answer is longer needs less likelihood margin, so length
       alone earns nothing. Allowed with the logit-based types (sigmoid, hinge, robust, exo_pair, discopop).
+    * DPOP / DPO-Positive (``dpop_lambda`` = the paper's lambda; Pal et al. 2024, "Smaug", arXiv:2402.13228, Eq. 3):
+      the pair logit becomes ``beta * (Delta - lambda * max(0, log pi_ref(y_w) - log pi(y_w)))``, i.e. a penalty
+      once the chosen response's likelihood falls below the reference's (the "likelihood displacement" failure of
+      plain DPO). Allowed with the logit-based types (sigmoid, hinge, robust, exo_pair, discopop); with LD-DPO the
+      chosen log-ratio is the weighted one; with an f-divergence the penalty stays on the log-ratio itself. The
+      reference implementation is the paper's Eq. 3 (the authors released no trainer code; TRL has no DPOP).
     * LD-DPO (``ld_alpha`` with ``tail_logps``): each sequence log-prob becomes
       ``shared + ld_alpha * tail``, where ``tail`` is the part of the sum over completion tokens past the shorter
       response's length (``min(|y_w|, |y_l|)``) and ``shared = logps - tail``. ``tail_logps`` =
@@ -207,43 +415,30 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
         chosen_lengths, rejected_lengths: ``[P]`` completion token counts (needed by ``ipo``, ``sigmoid_norm``,
             ``sft``, and ``rdpo_alpha``).
         mean_chosen_length: batch-wide mean of ``chosen_lengths`` for the ``sft`` term (default: from this call).
+        dpop_lambda: DPOP's lambda (0: off).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-pair, ``[P]``).
         validate: check the inputs for NaN/inf (one host sync).
+
+    The options are checked by :func:`check_dpo_options` (no host sync), the one check of them: the trainer runs it
+    on the ``dpo`` config section before any model is built.
 
     Returns:
         ``(loss, metrics)``; metrics ``rewards/{chosen,rejected,accuracies,margins}``, ``logps/{chosen,rejected}``.
     """
     op = "dpo_loss"
-    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    if not types:
-        raise ValueError(f"{op}: loss_type must name at least one loss; valid values: {', '.join(DPO_LOSS_TYPES)}")
-    for lt in types:
-        _check_option(op, "loss_type", lt, DPO_LOSS_TYPES)
-    weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
-    if len(weights) != len(types):
-        raise ValueError(f"{op}: loss_weights has {len(weights)} entries but loss_type has {len(types)}")
+    try:
+        types, weights = check_dpo_options(loss_type, loss_weights=loss_weights, beta=beta,
+                                           label_smoothing=label_smoothing, rdpo_alpha=rdpo_alpha, ld_alpha=ld_alpha,
+                                           discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+                                           dpop_lambda=dpop_lambda)
+    except DPOOptionError as e:
+        raise DPOOptionError(e.option, f"{op}: {e}") from None
     _check_option(op, "reduction", reduction, _REDUCTIONS)
-    _check_option(op, "f_divergence_type", f_divergence_type, F_DIVERGENCES)
-    if f_divergence_type != "reverse_kl" and not set(types) <= set(_F_DIVERGENCE_TYPES):
-        raise ValueError(f"{op}: f_divergence_type={f_divergence_type!r} is only defined for the loss types "
-                         f"{_F_DIVERGENCE_TYPES} (it needs the chosen-rejected difference), got {types}")
-    if not beta > 0:
-        raise ValueError(f"{op}: beta must be > 0, got {beta}")
-    if "exo_pair" in types and not 0.0 < label_smoothing < 1.0:
-        raise ValueError(f"{op}: 'exo_pair' needs 0 < label_smoothing < 1 (the paper uses 1e-3), got {label_smoothing}")
-    if "robust" in types and not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"{op}: 'robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if rdpo_alpha and not set(types) <= set(_RDPO_TYPES) | {"sft"}:
-        raise ValueError(f"{op}: rdpo_alpha applies to the logit-based loss types {_RDPO_TYPES}, got {types}")
-    needs_len = bool(set(types) & set(_LENGTH_NORMALISED)) or bool(rdpo_alpha)
+    needs_len = any(DPO_TYPES[t].lengths for t in types) or bool(rdpo_alpha)
     if needs_len and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(f"{op}: loss_type {types} with rdpo_alpha={rdpo_alpha} needs chosen_lengths and "
                          "rejected_lengths (completion token counts)")
     if ld_alpha is not None:
-        if not 0.0 <= ld_alpha <= 1.0:
-            raise ValueError(f"{op}: ld_alpha must be in [0, 1], got {ld_alpha}")
         if tail_logps is None or len(tail_logps) != 4:
             raise ValueError(f"{op}: ld_alpha needs tail_logps = (policy_chosen, policy_rejected, ref_chosen, "
                              "ref_rejected) log-prob sums past the shared length")
@@ -264,47 +459,17 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     s_w, s_l = _f_scores(rho_w, f_divergence_type, f_alpha_divergence_coef), _f_scores(rho_l, f_divergence_type,
                                                                                       f_alpha_divergence_coef)
     delta = s_w - s_l
+    if dpop_lambda:  # DPOP: penalise a chosen log-prob below the reference's
+        delta = delta - dpop_lambda * torch.relu(-rho_w)
     logit = beta * delta
     if rdpo_alpha:
         logit = logit + rdpo_alpha * (chosen_lengths.to(logit.dtype) - rejected_lengths.to(logit.dtype))
-    eps = label_smoothing
-
-    def smoothed_sigmoid(z):
-        return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-
+    pair = DPOPair(beta=beta, eps=label_smoothing, logit=logit, rho_w=rho_w, rho_l=rho_l, s_w=s_w, s_l=s_l, pc=pc,
+                   pr=pr, rc=rc, rr=rr, sft_logps=sft_logps, chosen_lengths=chosen_lengths,
+                   rejected_lengths=rejected_lengths, mean_len=mean_chosen_length, discopop_tau=discopop_tau)
     per = None
     for lt, wgt in zip(types, weights):
-        if lt == "sigmoid":
-            loss = smoothed_sigmoid(logit)
-        elif lt == "hinge":
-            loss = torch.relu(1 - logit)
-        elif lt in ("ipo", "sigmoid_norm"):
-            d = s_w / chosen_lengths.to(s_w.dtype).clamp(min=1) - s_l / rejected_lengths.to(s_w.dtype).clamp(min=1)
-            loss = (d - 1 / (2 * beta)) ** 2 if lt == "ipo" else -F.logsigmoid(beta * d)
-        elif lt == "exo_pair":
-            loss = (torch.sigmoid(logit) * (F.logsigmoid(logit) - math.log1p(-eps))
-                    + torch.sigmoid(-logit) * (F.logsigmoid(-logit) - math.log(eps)))
-        elif lt == "nca_pair":
-            loss = -F.logsigmoid(beta * rho_w) - 0.5 * F.logsigmoid(-beta * rho_w) - 0.5 * F.logsigmoid(-beta * rho_l)
-        elif lt == "robust":
-            loss = (-(1 - eps) * F.logsigmoid(logit) + eps * F.logsigmoid(-logit)) / (1 - 2 * eps)
-        elif lt == "bco_pair":
-            loss = -F.logsigmoid(beta * rho_w) - F.logsigmoid(-beta * rho_l)
-        elif lt == "sppo_hard":
-            loss = (rho_w - 0.5 / beta) ** 2 + (rho_l + 0.5 / beta) ** 2
-        elif lt == "aot":
-            loss = smoothed_sigmoid(beta * (torch.sort(pc - pr, dim=0)[0] - torch.sort(rc - rr, dim=0)[0]))
-        elif lt == "aot_unpaired":
-            loss = smoothed_sigmoid(beta * (torch.sort(rho_w, dim=0)[0] - torch.sort(rho_l, dim=0)[0]))
-        elif lt == "apo_zero":
-            loss = 1 - torch.sigmoid(beta * rho_w) + torch.sigmoid(beta * rho_l)
-        elif lt == "apo_down":
-            loss = torch.sigmoid(beta * rho_w) + 1 - torch.sigmoid(beta * (rho_w - rho_l))
-        elif lt == "discopop":
-            m = torch.sigmoid(logit / discopop_tau)
-            loss = -F.logsigmoid(logit) * (1 - m) + torch.exp(-logit) * m
-        else:  # "sft"
-            loss = -sft_logps / _mean_chosen_length(op, chosen_lengths, mean_chosen_length).to(sft_logps)
+        loss = DPO_TYPES[lt].term(pair)
         per = wgt * loss if per is None else per + wgt * loss
     metrics = _pair_metrics(beta * rho_w, beta * rho_l, pc, pr)
     return _reduce(per, reduction), metrics

@@ -22,7 +22,7 @@ USAGE = """usage: fastpref train [CONFIG.yaml | --demo] [key=value ...] [--print
   CONFIG.yaml      YAML config (keys below); without one, key=value overrides start from the defaults below
   --demo           start from the embedded tiny demo (SFT warm-up + DPO), which is also what a bare
                    `fastpref train` runs
-  key=value        dotted override, e.g. loss.beta=0.2 train.max_steps=50 model.lora.enabled=true; TRL's names
+  key=value        dotted override, e.g. dpo.beta=0.2 train.max_steps=50 model.lora.enabled=true; TRL's names
                    of common keys work too (learning_rate=1e-5 per_device_train_batch_size=4, docs/data.md)
   --print-config   print the resolved config as YAML and exit
   --quiet          no progress bar: one log line per train.log_every steps
@@ -38,7 +38,7 @@ def embedded_default() -> Config:
     cfg.data.max_length = 32
     cfg.data.max_prompt_length = 16
     cfg.data.eval_fraction = 0.1
-    cfg.loss.beta = 0.1
+    cfg.sections["dpo"].beta = 0.1
     cfg.optim.lr = 3e-3
     cfg.optim.warmup_steps = 5
     cfg.train.sft_warmup_steps = 60

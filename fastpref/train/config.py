@@ -212,30 +212,6 @@ class DataConfig:
 
 
 @dataclass
-class LossConfig:
-    """The loss and its parameters, named as in ``fastpref.losses`` (TRL's names)."""
-
-    type: str = "auto"
-    """Loss type; ``auto`` is the algorithm's default (TRL's): dpo ``sigmoid`` (or any of
-    ``fastpref.losses.DPO_LOSS_TYPES``: hinge, ipo, robust, ...), kto ``kto`` (or ``apo_zero_unpaired``), cpo
-    ``sigmoid`` (hinge, ipo, simpo), rm ``bradley_terry`` (or ``log_exp``). Ignored by sft, orpo, simpo."""
-    beta: float = ranged(0.1, "> 0")
-    """Inverse temperature of the implicit reward (ORPO's lambda)."""
-    label_smoothing: float = ranged(0.0, "[0, 0.5)")
-    """Conservative-DPO / robust label smoothing epsilon."""
-    simpo_gamma: float = ranged(0.5, ">= 0")
-    """SimPO target reward margin."""
-    cpo_alpha: float = ranged(1.0, ">= 0")
-    """CPO weight of the NLL on the chosen response."""
-    desirable_weight: float = ranged(1.0, "> 0")
-    """KTO weight of desirable examples."""
-    undesirable_weight: float = ranged(1.0, "> 0")
-    """KTO weight of undesirable examples."""
-    center_rewards_coefficient: float | None = ranged(None, ">= 0")
-    """Reward-model centring coefficient (TRL's name); None disables it."""
-
-
-@dataclass
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
@@ -319,6 +295,14 @@ class TrainLoopConfig:
 
 ALGORITHM_CHOICES_BUILTIN = ("sft", "dpo", "kto", "orpo", "simpo", "cpo", "rm")
 
+LEGACY_LOSS_KEYS: dict[str, Any] = {"type": "auto", "beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": 0.5,
+                                    "cpo_alpha": 1.0, "desirable_weight": 1.0, "undesirable_weight": 1.0,
+                                    "center_rewards_coefficient": None}
+"""The keys of the former shared ``loss:`` section and their defaults. Each off-line algorithm now owns its
+loss options (``dpo.beta``, ``kto.desirable_weight``, ``simpo.gamma``, ...); ``loss.X`` is a deprecated alias,
+resolved for the final ``algorithm`` by :func:`legacy_loss_target` (``loss.type`` -> ``<algo>.loss_type``,
+``auto`` = the section's default)."""
+
 _SECTIONS: dict[str, type] = {}
 
 
@@ -354,8 +338,6 @@ class Config:
     """The reference model."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training and evaluation data."""
-    loss: LossConfig = field(default_factory=LossConfig)
-    """Loss type and parameters."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule."""
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
@@ -601,7 +583,8 @@ _ON = "{algo}."
 """Prefix of a key inside the chosen algorithm's own section (on-line algorithms)."""
 
 TRL_KEYS: dict[str, tuple[str | None, str | None, Callable]] = {
-    # TRL / transformers name: (fastpref key for off-line algorithms, for an algorithm with a section, converter)
+    # TRL / transformers name: (fastpref key for the built-in off-line algorithms (and any algorithm without a
+    # section), for an on-line algorithm (a registered one with a section), converter)
     "learning_rate": ("optim.lr", "optim.lr", _keep),
     "per_device_train_batch_size": ("train.batch_size", "train.batch_size", _keep),
     "gradient_accumulation_steps": ("train.grad_accum", "train.grad_accum", _keep),
@@ -639,14 +622,21 @@ TRL_KEYS: dict[str, tuple[str | None, str | None, Callable]] = {
     "lora_dropout": ("model.lora.dropout", "model.lora.dropout", _keep),
     "lora_target_modules": ("model.lora.target_modules", "model.lora.target_modules", _keep),
     "precompute_ref_log_probs": ("reference.mode", None, _precompute),
-    "beta": ("loss.beta", _ON + "beta", _keep),
-    "loss_type": ("loss.type", _ON + "loss_type", _keep),
-    "label_smoothing": ("loss.label_smoothing", None, _keep),
-    "simpo_gamma": ("loss.simpo_gamma", None, _keep),
-    "cpo_alpha": ("loss.cpo_alpha", None, _keep),
-    "desirable_weight": ("loss.desirable_weight", None, _keep),
-    "undesirable_weight": ("loss.undesirable_weight", None, _keep),
-    "center_rewards_coefficient": ("loss.center_rewards_coefficient", None, _keep),
+    "beta": (_ON + "beta", _ON + "beta", _keep),
+    "loss_type": (_ON + "loss_type", _ON + "loss_type", _keep),
+    "loss_weights": (_ON + "loss_weights", None, _keep),
+    "label_smoothing": (_ON + "label_smoothing", None, _keep),
+    "ld_alpha": (_ON + "ld_alpha", None, _keep),
+    "discopop_tau": (_ON + "discopop_tau", None, _keep),
+    "f_divergence_type": (_ON + "f_divergence_type", None, _keep),
+    "f_alpha_divergence_coef": (_ON + "f_alpha_divergence_coef", None, _keep),
+    "rpo_alpha": (_ON + "rpo_alpha", None, _keep),
+    "simpo_gamma": (_ON + "simpo_gamma", None, _keep),
+    "cpo_alpha": (_ON + "cpo_alpha", None, _keep),
+    "alpha": (_ON + "alpha", None, _keep),
+    "desirable_weight": (_ON + "desirable_weight", None, _keep),
+    "undesirable_weight": (_ON + "undesirable_weight", None, _keep),
+    "center_rewards_coefficient": (_ON + "center_rewards_coefficient", None, _keep),
     "num_generations": (None, _ON + "generation.num_generations", _keep),
     "max_completion_length": (None, _ON + "generation.max_new_tokens", _keep),
     "temperature": (None, _ON + "generation.temperature", _keep),
@@ -669,10 +659,13 @@ TRL_KEYS: dict[str, tuple[str | None, str | None, Callable]] = {
 }
 """TRL's (and ``transformers.TrainingArguments``') names of common keys, accepted at the top level of a YAML file
 and as ``key=value`` overrides, and the fastpref key each sets (``{algo}.``: inside the chosen algorithm's own
-section, for algorithms that have one). The value is converted where the meaning differs (``max_steps=-1``: run
-``num_train_epochs``; ``bf16=true``: ``train.precision=bf16-mixed``; ``max_grad_norm=0``: no clipping; a
-``warmup_steps`` below 1 or ``warmup_ratio``: a share of the steps, see :func:`_apply_trl_deferred`). ``None``: no
-equivalent for that kind of algorithm (one line says so)."""
+section: every built-in algorithm has one, holding its loss options; a section's ``renamed`` class attribute maps a
+TRL name to its field where they differ, e.g. ``simpo_gamma`` -> ``simpo.gamma``). The first column is for the
+built-in off-line algorithms (and any without a section), the second for an on-line one. The value is converted
+where the meaning differs (``max_steps=-1``: run ``num_train_epochs``; ``bf16=true``:
+``train.precision=bf16-mixed``; ``max_grad_norm=0``: no clipping; a ``warmup_steps`` below 1 or ``warmup_ratio``:
+a share of the steps, see :func:`_apply_trl_deferred`). ``None``: no equivalent for that kind of algorithm (one
+line says so)."""
 
 TRL_UNSUPPORTED: dict[str, str] = {
     "per_device_eval_batch_size": "evaluation runs micro-batches of train.batch_size",
@@ -693,6 +686,7 @@ TRL_UNSUPPORTED: dict[str, str] = {
     "lr_scheduler_kwargs": "set optim.schedule and optim.min_lr_ratio",
     "gradient_checkpointing_kwargs": "set model.gradient_checkpointing",
     "optim": "fastpref trains with AdamW (optim.* keys)",
+    "use_weighting": "WPO weighting (arXiv:2406.11827) is not implemented in fastpref.losses.dpo_loss",
 }
 """TRL keys with no fastpref equivalent, and what fastpref does instead."""
 
@@ -717,15 +711,69 @@ def _key_exists(cfg: Config, dotted: str) -> bool:
     return True
 
 
+def _section_key(cfg: Config, algorithm: str, key: str) -> str:
+    """``key`` with a section field's other name (the section class's ``renamed``: ``simpo.simpo_gamma`` ->
+    ``simpo.gamma``) replaced by the field's."""
+    top, _, leaf = key.partition(".")
+    if top == algorithm and top in cfg.sections:
+        leaf = getattr(type(cfg.sections[top]), "renamed", {}).get(leaf, leaf)
+    return f"{top}.{leaf}" if leaf else top
+
+
+def legacy_loss_target(cfg: Config, name: str) -> str | None:
+    """The key the deprecated ``loss.<name>`` (:data:`LEGACY_LOSS_KEYS`) stands for under ``cfg.algorithm``:
+    ``<algo>.<field>`` (``loss.type`` -> ``<algo>.loss_type``, ``loss.simpo_gamma`` -> ``simpo.gamma``), or None
+    when that algorithm's loss has no such option (on-line algorithms never read ``loss.*``)."""
+    algo = cfg.algorithm
+    if algo not in ALGORITHM_CHOICES_BUILTIN or algo not in cfg.sections:
+        return None
+    key = _section_key(cfg, algo, f"{algo}.{'loss_type' if name == 'type' else name}")
+    return key if _key_exists(cfg, key) else None
+
+
+def _apply_legacy_loss(cfg: Config, key: str, value: Any, state: dict) -> None:
+    """Set the key a deprecated ``loss.X`` stands for (:func:`legacy_loss_target`), noting the mapping once.
+    ``loss.type=auto`` and a value equal to the former default of an option the algorithm lacks change nothing
+    (``config.yaml`` files written before the sections hold every ``loss.*`` key); any other ``loss.X`` with no
+    target is an error naming it."""
+    name = key.split(".", 1)[1] if "." in key else ""
+    algo = cfg.algorithm
+    if name not in LEGACY_LOSS_KEYS:
+        close = difflib.get_close_matches(name, list(LEGACY_LOSS_KEYS), n=1)
+        target = legacy_loss_target(cfg, close[0]) if close else None
+        hint = f"; did you mean {target!r}?" if target else (f"; did you mean 'loss.{close[0]}'?" if close else "")
+        raise ConfigError(f"unknown config key {key!r}{hint} (loss.* is deprecated: the loss options are the "
+                          f"{algo}.* keys)")
+    if name == "type" and value == "auto":
+        state["notes"].setdefault(key, f"config: {key}=auto is deprecated and changes nothing (each algorithm's "
+                                       f"section has its default: {algo}.loss_type)")
+        return
+    target = legacy_loss_target(cfg, name)
+    if target is None:
+        if value == LEGACY_LOSS_KEYS[name] and not isinstance(value, bool):  # 1 and 1.0 alike
+            state["notes"].setdefault(key, f"config: {key}={value!r} (a former default) ignored: algorithm={algo} "
+                                           "has no such loss option")
+            return
+        if algo not in ALGORITHM_CHOICES_BUILTIN:
+            raise ConfigError(f"{key}: algorithm={algo} does not read loss.* (a deprecated alias of the off-line "
+                              f"algorithms' sections); set its own {algo}.* keys")
+        opts = sorted(k for k in _leaf_keys(cfg) if k.startswith(algo + "."))
+        raise ConfigError(f"{key}: algorithm={algo} has no such loss option (loss.* is deprecated; its options: "
+                          f"{', '.join(opts)})")
+    _set_dotted(cfg, target, value)
+    state["set"].add(target)
+    state["notes"].setdefault(key, f"config: {key} is deprecated -> {target}")
+
+
 def trl_target(name: str, cfg: Config, algorithm: str) -> tuple[str | None, str]:
     """``(fastpref key, "")`` for the TRL key ``name`` under ``algorithm``, or ``(None, why)`` when it has no
     equivalent (``why`` is the one-line message); ``name`` must be in :data:`TRL_KEYS` or :data:`TRL_UNSUPPORTED`."""
     if name in TRL_UNSUPPORTED:
         return None, f"TRL key {name!r} has no fastpref equivalent: {TRL_UNSUPPORTED[name]}"
     offline, online, _ = TRL_KEYS[name]
-    has_section = algorithm in cfg.sections
+    has_section = algorithm in cfg.sections and algorithm not in ALGORITHM_CHOICES_BUILTIN  # an on-line one
     key = (online if has_section else offline) or None
-    key = key.replace("{algo}", algorithm) if key else None
+    key = _section_key(cfg, algorithm, key.replace("{algo}", algorithm)) if key else None
     if key and _key_exists(cfg, key):
         return key, ""
     if name == "report_to":
@@ -855,8 +903,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, *, 
     """Build a :class:`Config`: defaults (or ``base``), then the YAML file ``path``, then ``key=value`` overrides.
 
     TRL's names of common keys (:data:`TRL_KEYS`, e.g. ``learning_rate``) are accepted at the top level of both
-    and set the fastpref key, resolved for the final ``algorithm`` (``beta`` is ``loss.beta`` for dpo,
-    ``grpo.beta`` for grpo); each mapping is logged once (``fastpref.config``, INFO) and appended to ``notes``.
+    and set the fastpref key, resolved for the final ``algorithm`` (``beta`` is ``dpo.beta`` for dpo,
+    ``grpo.beta`` for grpo); so are the deprecated ``loss.*`` keys (:data:`LEGACY_LOSS_KEYS`: ``loss.beta`` is
+    ``dpo.beta`` for dpo, ``kto.beta`` for kto). Each mapping is logged once (``fastpref.config``, INFO) and
+    appended to ``notes``.
     Raises :class:`ConfigError` naming the offending key (and the one it likely meant), or the file.
     """
     import copy
@@ -886,7 +936,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, *, 
                 items.append((str(k), v))
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value (e.g. loss.beta=0.2)")
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. dpo.beta=0.2)")
         k, raw = item.split("=", 1)
         try:
             v = yaml.safe_load(raw) if raw.strip() else ""
@@ -902,6 +952,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, *, 
             continue
         if is_trl_key(k, v):
             _apply_trl(cfg, k, v, cfg.algorithm, state)
+        elif k == "loss" or k.startswith("loss."):  # the former shared section: a deprecated alias
+            _apply_legacy_loss(cfg, k, v, state)
         else:
             _set_dotted(cfg, k, v)
             state["set"].add(k)

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastpref.data.batch import Batch
+
 NAMES = ("logps_falling", "length_drift", "kl_blowup", "margin_saturation")
 """The conditions, in the order they are checked; each logs ``diag/<name>``."""
 
@@ -65,29 +67,22 @@ class Thresholds:
     """``margin_saturation``: reward margin (beta-scaled) at or above which the sigmoid loss is < 0.007."""
 
 
-def response_lengths(batch: dict) -> torch.Tensor:
+def response_lengths(batch: Batch) -> torch.Tensor:
     """Scored tokens of each sequence of a collated batch (``[rows]`` float32, padded or packed layout), on the
-    batch's device (no host sync)."""
-    scored = (batch["targets"] != -100).float()
-    if "cu_seqlens" in batch:
-        from fastpref.ops import segment_sum
-
-        return segment_sum(scored.reshape(-1), batch["cu_seqlens"])
-    return scored.sum(-1)
+    batch's device (``batch.scored_lengths``, counted on the host by the collator: no device work)."""
+    return batch.scored_lengths.float()
 
 
-def paired_length_metrics(batch: dict) -> dict[str, torch.Tensor]:
+def paired_length_metrics(batch: Batch) -> dict[str, torch.Tensor]:
     """``lengths/chosen`` and ``lengths/rejected`` (mean scored tokens) of a preference batch."""
-    from fastpref.data.collate import split_pairs
-
-    c, r = split_pairs(response_lengths(batch), batch)
+    c, r = batch.split_pairs(response_lengths(batch))
     return {"lengths/chosen": c.mean(), "lengths/rejected": r.mean()}
 
 
-def labelled_length_metrics(batch: dict) -> dict[str, torch.Tensor]:
+def labelled_length_metrics(batch: Batch) -> dict[str, torch.Tensor]:
     """``lengths/chosen`` (desirable) and ``lengths/rejected`` (undesirable) of a KTO batch with ``labels``."""
     n = response_lengths(batch)
-    lab = batch["labels"].float()
+    lab = batch.labels.float()
     return {"lengths/chosen": (n * lab).sum() / lab.sum().clamp(min=1),
             "lengths/rejected": (n * (1 - lab)).sum() / (1 - lab).sum().clamp(min=1)}
 
@@ -199,7 +194,7 @@ def observe(trainer, record: dict, step: int) -> dict[str, float]:
     diag = getattr(trainer, "_diagnostics", None)
     if diag is None:
         algo = getattr(trainer, "algo", None)
-        beta = getattr(getattr(algo, "section", None), "beta", None) or trainer.cfg.loss.beta  # on-line: own beta
+        beta = getattr(getattr(algo, "section", None), "beta", None) or 0.1  # the section's beta, else TRL's default
         diag = Diagnostics(beta=beta, reference_based=bool(getattr(algo, "needs_reference", False)))
         _replay(diag, getattr(trainer, "metrics_path", None), step)
         diag.warn = trainer.say

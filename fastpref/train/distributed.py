@@ -30,6 +30,11 @@ and through ``save_checkpoint`` / ``load_checkpoint`` / ``final_state`` for file
   back through the ZeRO optimizer's ``load_state_dict``, as ``engine.load_checkpoint`` would, without DeepSpeed's
   pickled checkpoint files. ``final/`` from the consolidated 16-bit state (ZeRO-3) or rank 0's model (ZeRO-1/2).
 
+An algorithm's extra trainable modules (PPO's separate critic, APO's reward model) stay outside the backend under
+all four: full replicas on every rank, each with an :class:`ExtraOptimizer` that averages its gradients with a plain
+all-reduce (no FSDP sharding, not in the DeepSpeed engine or its ZeRO partitions), clips, follows the run's schedule
+and is checkpointed by the trainer (rank 0 writes it: the replicas are identical).
+
 The trainer calls the decoder and the head directly (never ``engine.forward``), so the DeepSpeed backend does the
 bookkeeping ``engine.forward`` does for ZeRO (``clear_backward_seen_flag`` before a forward, the backward
 prologue before ``engine.backward``); without it ZeRO-3 loses all but the last micro-batch's gradients. Tested
@@ -234,6 +239,55 @@ def average_grads(params: list[torch.nn.Parameter]) -> None:
     all_reduce_mean(grads)
     for p, g in zip(params, grads):
         p.grad = g
+
+
+class ExtraOptimizer(torch.optim.AdamW):
+    """The AdamW of an algorithm's extra trainable module (PPO's separate critic, APO's reward model), built by
+    :meth:`fastpref.train.algorithms.base.Runtime.build_optimizer` and stepped by the algorithm with :meth:`update`.
+
+    The module is a full replica on every rank under every backend: it is never sharded by FSDP nor handed to the
+    DeepSpeed engine, so :meth:`update` averages its gradients over ranks with one flattened all-reduce
+    (:func:`average_grads`; a missing gradient counts as zero, so every rank must call it the same number of
+    times), clips them to ``optim.max_grad_norm``, sets the learning rate ``lr * lr_lambda(done)`` of the run's
+    schedule (:func:`fastpref.train.schedule.lr_lambda`) at the policy's position ``done`` (optimizer steps the
+    trainer has taken), steps AdamW (``optim`` betas, eps, weight decay) and zeroes the gradients. The fp16
+    gradient scaler does not cover it. The trainer checkpoints :meth:`checkpoint_state` (the module's weights and
+    this optimizer's state) with the run and restores it on resume."""
+
+    def __init__(self, name: str, module: torch.nn.Module, lr: float, cfg: Config, total_steps: int,
+                 position: Callable[[], int]):
+        from fastpref.train.schedule import lr_lambda
+
+        o = cfg.optim
+        self.name, self.module, self.base_lr, self.position = name, module, lr, position
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        super().__init__(self.params, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.max_grad_norm = o.max_grad_norm
+        self.schedule = lr_lambda(cfg, total_steps)
+
+    def update(self) -> dict[str, torch.Tensor | float]:
+        """One step on the accumulated gradients; returns ``{name/grad_norm (before clipping, a 0-dim tensor: no
+        host sync), name/lr}``."""
+        average_grads(self.params)
+        metrics: dict[str, torch.Tensor | float] = {}
+        if self.max_grad_norm is not None:
+            metrics[f"{self.name}/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        lr = self.base_lr * self.schedule(self.position())
+        for group in self.param_groups:
+            group["lr"] = lr
+        metrics[f"{self.name}/lr"] = lr
+        self.step()
+        self.zero_grad(set_to_none=True)
+        return metrics
+
+    def checkpoint_state(self) -> dict:
+        """``{"model": the module's state_dict, "optimizer": AdamW's}``: what a checkpoint holds of it."""
+        return {"model": self.module.state_dict(), "optimizer": self.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Inverse of :meth:`checkpoint_state`."""
+        self.module.load_state_dict(state["model"])
+        self.load_state_dict(state["optimizer"])
 
 
 # ------------------------------------------------------------------------------------------- backends

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastpref.data.batch import Batch
 from fastpref.train.config import Config, ConfigError
 
 log = logging.getLogger("fastpref.train")
@@ -35,17 +36,42 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def decoder_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+def decoder_hidden(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Last hidden states of the decoder stack, without the LM head: ``[B, T, H]`` for a padded batch, ``[N, H]``
-    for a packed one (varlen attention through ``attn_implementation="fastpref"``, boundaries from
-    ``position_ids``)."""
+    for a packed one. PEFT-aware (:func:`base_model`); differentiable.
+
+    Packed, with the model loaded for packing (``attn_implementation="fastpref"``): the trunk runs on the packed
+    row and the boundaries reach the varlen attention explicitly -- transformers' flash-attention kwargs
+    ``cu_seq_lens_q``/``cu_seq_lens_k`` (the batch's device ``cu_seqlens``) and ``max_length_q``/``max_length_k``
+    (its host ``max_seqlen``), plus the host copy for the PyTorch twin -- so nothing is derived from
+    ``position_ids`` and nothing is read back from the device; the attention mask is
+    ``fastpref.attention.hf.unpadded_mask`` (an all-ones mask marked as such, which keeps transformers'
+    ``masking_utils`` from scanning ``position_ids`` for packed sequences, a host sync). Packed, with another
+    attention: the trunk runs right-padded ``[S, L]`` with an attention mask and the valid positions are
+    gathered back (same result, padding FLOPs spent)."""
     dec = base_model(model).get_decoder()
-    if "cu_seqlens" in batch:
-        out = dec(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    else:
-        out = dec(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return h[0] if "cu_seqlens" in batch else h
+    if not batch.packed:
+        out = dec(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return _last_hidden(out)
+    if getattr(base_model(model).config, "_attn_implementation", None) == "fastpref":
+        from fastpref.attention.hf import packed_attention_kwargs
+
+        out = dec(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                  **packed_attention_kwargs(batch.cu_seqlens, batch.max_seqlen, batch.cu_seqlens_host))
+        return _last_hidden(out)[0]
+    cu = batch.cu_seqlens_host
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    S, L = len(lens), max(lens)
+    dev = batch.input_ids.device
+    valid = torch.arange(L, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
+    flat = valid.reshape(-1).nonzero_static(size=batch.input_ids.shape[1])[:, 0]  # N known on the host: no sync
+    inp = torch.zeros(S * L, dtype=torch.int64, device=dev).index_copy_(0, flat, batch.input_ids[0])
+    h = _last_hidden(dec(input_ids=inp.view(S, L), attention_mask=valid.long(), use_cache=False))
+    return h.reshape(S * L, -1).index_select(0, flat)
+
+
+def _last_hidden(out) -> torch.Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -55,28 +81,33 @@ def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
-def token_logps(model: torch.nn.Module, batch: dict, *, impl: str = "auto") -> torch.Tensor:
-    """Per-token log-probs of ``batch["targets"]`` (fp32; 0 where the target is -100): ``[B, T]`` padded, ``[N]``
-    packed. The trainer's path: :func:`decoder_hidden`, then ``fastpref.ops.linear_logprobs`` with the LM head
-    and the model's :func:`logit_transform` (no ``[tokens, V]`` logits)."""
+def token_logps(model: torch.nn.Module, batch: Batch, *, temperature: float = 1.0, entropy: bool = False,
+                impl: str = "auto", hidden: torch.Tensor | None = None):
+    """Per-token log-probs of ``batch.targets`` (fp32; 0 where the target is -100): ``[B, T]`` padded, ``[N]``
+    packed; with ``entropy`` also the per-token entropy, as ``(logps, entropy)``. The one log-prob path of the
+    trainer (policy, reference, rollouts, PPO): :func:`decoder_hidden` (or the given ``hidden``), then
+    ``fastpref.ops.linear_logprobs`` with the LM head, the model's :func:`logit_transform` and the sampling
+    ``temperature`` -- no ``[tokens, V]`` logits. Differentiable unless called under ``torch.no_grad``."""
     from fastpref.ops import linear_logprobs
 
-    hidden = decoder_hidden(model, batch)
+    h = decoder_hidden(model, batch) if hidden is None else hidden
     w, b = lm_head(model)
-    return linear_logprobs(hidden, w, batch["targets"], bias=b, check_targets=False, impl=impl,
-                           **logit_transform(model).kwargs())
+    return linear_logprobs(h, w, batch.targets, bias=b, temperature=temperature, return_entropy=entropy,
+                           check_targets=False, impl=impl, **logit_transform(model).kwargs())
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(summed log-prob of the scored tokens [B] fp32, scored token count [B])`` of each row of ``batch``,
-    via :func:`token_logps` (no ``[B, T, V]`` logits)."""
-    tok = token_logps(model, batch)
-    scored = batch["targets"] != -100
-    if "cu_seqlens" in batch:
-        from fastpref.ops import segment_sum
+def sequence_logps(model: torch.nn.Module, batch: Batch, *, temperature: float = 1.0, impl: str = "auto",
+                   hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed log-probs of the scored tokens of each sequence ``[S]`` (fp32), in either layout, no host sync: the
+    sums of :func:`token_logps` (same path: :func:`decoder_hidden`, the LM head and the model's logit transform)
+    through ``fastpref.losses.sequence_logps``. The scored token counts are ``batch.scored_lengths``."""
+    from fastpref.losses.fused_preference import sequence_logps as from_hidden
 
-        return segment_sum(tok, batch["cu_seqlens"]), segment_sum(scored.long(), batch["cu_seqlens"])
-    return tok.sum(-1), scored.sum(-1)
+    h = decoder_hidden(model, batch) if hidden is None else hidden
+    w, b = lm_head(model)
+    bounds = {"cu_seqlens": batch.cu_seqlens, "cu_seqlens_host": batch.cu_seqlens_host} if batch.packed else {}
+    return from_hidden(h, w, batch.targets, bias=b, temperature=temperature, impl=impl, check_targets=False,
+                       **bounds, **logit_transform(model).kwargs())[0]
 
 
 # ------------------------------------------------------------------------------ the model's own logit transform
@@ -275,10 +306,10 @@ def check_logits(model: torch.nn.Module, *, pack: bool = False) -> float:
     if pack:
         ref = torch.cat(own)
     else:
-        T = batch["targets"].shape[1]
+        T = batch.targets.shape[1]
         ref = torch.stack([torch.nn.functional.pad(x, (0, T - x.numel())) for x in own])
     ours = ours.float().reshape(ref.shape)
-    mask = batch["targets"].reshape(ref.shape) != -100
+    mask = batch.targets.reshape(ref.shape) != -100
     err = (ours - ref).abs()[mask]
     tol = _CHECK_ATOL.get(w.dtype, 0.15) + _CHECK_RTOL.get(w.dtype, 0.02) * ref.abs()[mask]
     worst = float(err.max()) if err.numel() else 0.0

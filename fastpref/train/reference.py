@@ -29,11 +29,13 @@ from typing import ClassVar
 
 import torch
 
+from fastpref.data.batch import Batch
 from fastpref.train.modeling import sequence_logps
 
 
 class ReferenceMode:
-    """The interface of every reference mode; ``sequence_logps(batch)`` -> ``[rows]`` fp32 (no grad).
+    """The interface of every reference mode; ``sequence_logps(batch)`` -> ``[rows]`` fp32 (no grad), for a
+    :class:`fastpref.data.batch.Batch` in either layout.
 
     The trainer calls :meth:`take` when the reference is taken (after the SFT warm-up; with a frozen copy built by
     the parallel backend when :attr:`needs_copy`, or :meth:`PrecomputeReference.precompute` when
@@ -77,12 +79,13 @@ class ReferenceMode:
         yield  # pragma: no cover  (a generator, for @contextmanager)
 
     @torch.no_grad()
-    def compute(self, batch: dict) -> torch.Tensor:
-        """Log-probs of ``batch`` from the reference network itself (no cache)."""
+    def compute(self, batch: Batch) -> torch.Tensor:
+        """Log-probs of ``batch`` from the reference network itself (no cache), through the trainer's one log-prob
+        path (``fastpref.train.modeling.sequence_logps``)."""
         with self.network() as net:
-            return sequence_logps(net, batch)[0]
+            return sequence_logps(net, batch)
 
-    def sequence_logps(self, batch: dict) -> torch.Tensor:
+    def sequence_logps(self, batch: Batch) -> torch.Tensor:
         """Reference log-probs of every row of ``batch`` (``[rows]`` fp32, no grad)."""
         return self.compute(batch)
 
@@ -166,7 +169,7 @@ class LoraBaseReference(ReferenceMode):
 
 class PrecomputeReference(ReferenceMode):
     """``reference.mode=precompute``: log-probs of every example from one no-grad pass of the policy when the
-    reference is taken, cached on disk and in checkpoints; looked up by ``batch["uid"]``."""
+    reference is taken, cached on disk and in checkpoints; looked up by ``batch.uid``."""
 
     mode = "precompute"
     precomputed = True
@@ -176,17 +179,20 @@ class PrecomputeReference(ReferenceMode):
         with _eval(self.policy):  # the policy as it is when the reference is taken: only precompute() uses it
             yield self.policy
 
-    def sequence_logps(self, batch: dict) -> torch.Tensor:
-        """The cached rows of ``batch["uid"]`` in the batch's layout: padded rows ``[0, P)`` are sequence slot 0 of
+    def sequence_logps(self, batch: Batch) -> torch.Tensor:
+        """The cached rows of ``batch.uid`` in the batch's layout: padded rows ``[0, P)`` are sequence slot 0 of
         the examples and ``[P, 2P)`` slot 1; packed sequences are interleaved (slot 0, slot 1 of example 0, ...)."""
         if self.cache is None:
             raise RuntimeError("Reference: precompute cache not built")
-        uid = batch["uid"].to(self.cache.device)
-        rows = self.cache[uid]                                   # [P, slots]
-        out = rows.reshape(-1) if "cu_seqlens" in batch else rows.t().reshape(-1)
-        return out.to(batch["input_ids"].device)
+        if batch.uid is None:
+            raise ValueError("reference.mode=precompute: the batch has no uid (the examples carry none)")
+        held = getattr(self, "_on_device", None)  # (cache, its copy on the batch's device): looked up there, no sync
+        if held is None or held[0] is not self.cache or held[1].device != batch.device:
+            held = self._on_device = (self.cache, self.cache.to(batch.device))
+        rows = held[1][batch.uid]                                # [P, slots]
+        return rows.reshape(-1) if batch.packed else rows.t().reshape(-1)
 
-    def precompute(self, examples: list[dict], collate: Callable[[list[dict]], dict], batch_size: int,
+    def precompute(self, examples: list[dict], collate: Callable[[list[dict]], Batch], batch_size: int,
                    cache_dir: str, key: str, log: Callable[[str], None] = print) -> None:
         """Fill the cache for ``examples`` (each with ``uid`` = its index) from
         ``cache_dir/ref_logps-KEY.safetensors`` or by one no-grad pass of the current policy. A cache file that
@@ -202,7 +208,7 @@ class PrecomputeReference(ReferenceMode):
             chunk = examples[i:i + batch_size]
             batch = collate(chunk)
             lp = self.compute(batch).float().cpu()
-            rows.append(lp.view(len(chunk), -1) if "cu_seqlens" in batch else lp.view(-1, len(chunk)).t())
+            rows.append(lp.view(len(chunk), -1) if batch.packed else lp.view(-1, len(chunk)).t())
         self.cache = torch.cat(rows)
         from safetensors.torch import save_file
 

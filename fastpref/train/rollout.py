@@ -7,14 +7,14 @@ Stages (``generate`` is timed in ``Rollout.timings``, the algorithms time the ot
    completions are cut after their first EOS (the EOS is kept: the policy learns to stop). A completion that
    hits ``max_new_tokens`` without EOS is marked ``truncated``. The optional vLLM backend (``backend="vllm"``)
    is imported lazily and only used when installed.
-2. ``pack``: the ``G`` completions of a prompt become consecutive sequences ``prompt + completion`` in the
-   packed-batch convention of ``fastpref.ops`` (``targets`` shifted, ``-100`` on prompt tokens and on the
-   last token; ``cu_seqlens`` with a CPU copy for chunk planning).
-3. ``forward``: ``policy_hidden`` runs the decoder trunk only (never the ``[tokens, vocab]`` logits) and
-   returns the packed ``hidden [N, H]``; the losses then use the fused LM-head kernels. With the model loaded
-   for packing (``data.pack=true``: ``attn_implementation="fastpref"``, varlen attention) the trunk runs on the
-   packed tokens; otherwise on the right-padded ``[S, L]`` batch, gathered back into the packed layout (same
-   result, padding FLOPs spent).
+2. ``pack``: the ``G`` completions of a prompt become consecutive sequences ``prompt + completion`` of one
+   packed :class:`fastpref.data.batch.Batch`, built by the collator's packer (``targets`` shifted, ``-100`` on
+   prompt tokens and on the last token; ``cu_seqlens`` on the device with its host copy).
+3. ``forward``: ``fastpref.train.modeling.decoder_hidden`` runs the decoder trunk only (never the
+   ``[tokens, vocab]`` logits) and returns the packed ``hidden [N, H]``; the losses then use the fused LM-head
+   kernels. With the model loaded for packing (``data.pack=true``: ``attn_implementation="fastpref"``, varlen
+   attention) the trunk runs on the packed tokens; otherwise on the right-padded ``[S, L]`` batch, gathered back
+   into the packed layout (same result, padding FLOPs spent).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+
+from fastpref.data.batch import Batch
+from fastpref.data.collate import pack_sequences
 
 
 @dataclass
@@ -56,36 +59,6 @@ class GenerationConfig:
             raise ValueError(f"generation.top_k must be >= 0, got {self.top_k}")
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"generation.backend must be 'hf' or 'vllm', got {self.backend!r}")
-
-
-@dataclass
-class PackedBatch:
-    """Prompt + completion sequences in the packed layout (see ``fastpref.ops``)."""
-
-    input_ids: torch.Tensor
-    """``[N]`` int64 tokens of all sequences concatenated."""
-    position_ids: torch.Tensor
-    """``[N]`` int64, restarting at 0 in each sequence."""
-    targets: torch.Tensor
-    """``[N]`` int64 shifted targets: the next token where it is a completion token, else -100."""
-    cu_seqlens: torch.Tensor
-    """``[S+1]`` int32 sequence boundaries (on the batch's device)."""
-    cu_seqlens_cpu: list[int]
-    """The same boundaries as Python ints, for chunk planning without a device sync."""
-    seq_ids: torch.Tensor
-    """``[N]`` int64 sequence index of each token."""
-    completion_lengths: torch.Tensor
-    """``[S]`` int64 completion tokens per sequence (= trained tokens)."""
-
-    @property
-    def mask(self) -> torch.Tensor:
-        """``[N]`` float32 1.0 on trained (completion-predicting) positions."""
-        return (self.targets != -100).float()
-
-    def to(self, device) -> "PackedBatch":
-        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
-                           self.cu_seqlens.to(device), self.cu_seqlens_cpu, self.seq_ids.to(device),
-                           self.completion_lengths.to(device))
 
 
 @dataclass
@@ -234,53 +207,19 @@ def _generate_vllm(model, p_ids, cfg, G):  # pragma: no cover - needs vLLM and a
     return [list(c.token_ids) for o in outs for c in o.outputs]
 
 
-def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], device=None) -> PackedBatch:
-    """Pack ``prompt_i + completion_i`` sequences (see ``PackedBatch``). Only completion tokens are targets."""
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], device=None) -> Batch:
+    """Pack ``prompt_i + completion_i`` sequences into one packed :class:`fastpref.data.batch.Batch` (the
+    collator's packer, ``fastpref.data.collate.pack_sequences``; in order, so groups stay consecutive). Only
+    completion tokens are targets; ``scored_lengths`` are the completion lengths."""
     if len(prompt_ids) != len(completion_ids) or not prompt_ids:
         raise ValueError(f"pack: need as many prompts as completions (> 0), got {len(prompt_ids)} and "
                          f"{len(completion_ids)}")
-    ids, pos, tgt, cu, clen = [], [], [], [0], []
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+    for i, p in enumerate(prompt_ids):
         if not p:
             raise ValueError(f"pack: prompt {i} is empty")
-        seq = list(p) + list(c)
-        ids += seq
-        pos += range(len(seq))
-        tgt += [-100] * (len(p) - 1) + list(c) + [-100]
-        cu.append(cu[-1] + len(seq))
-        clen.append(len(c))
-    dev = device if device is not None else "cpu"
-    cu_t = torch.tensor(cu, dtype=torch.int32)
-    lens = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])])
-    seq_ids = torch.repeat_interleave(torch.arange(len(clen)), lens)
-    return PackedBatch(torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, device=dev),
-                       torch.tensor(tgt, dtype=torch.int64, device=dev), cu_t.to(dev), cu, seq_ids.to(dev),
-                       torch.tensor(clen, device=dev))
+    return pack_sequences([(list(p), list(c)) for p, c in zip(prompt_ids, completion_ids)], device=device)
 
 
-def pack_rollout(rollout: Rollout, device=None) -> PackedBatch:
+def pack_rollout(rollout: Rollout, device=None) -> Batch:
     """``pack`` of a rollout's prompt + completion sequences (groups stay consecutive)."""
     return pack(rollout.prompt_ids, rollout.completion_ids, device)
-
-
-def policy_hidden(model, batch: PackedBatch, pad_id: int = 0) -> torch.Tensor:
-    """Last hidden states ``[N, H]`` of the decoder trunk (no LM head) for the packed ``batch``; differentiable.
-
-    A model loaded with ``attn_implementation="fastpref"`` (``data.pack=true``) runs on the packed tokens
-    directly (varlen attention, boundaries from ``position_ids``); otherwise the trunk runs right-padded
-    ``[S, L]`` with an attention mask and the valid positions are gathered back. Both go through
-    ``fastpref.train.modeling.decoder_hidden`` (PEFT-aware).
-    """
-    from fastpref.train.modeling import base_model, decoder_hidden
-
-    if getattr(base_model(model).config, "_attn_implementation", None) == "fastpref":
-        return decoder_hidden(model, {"input_ids": batch.input_ids[None], "position_ids": batch.position_ids[None],
-                                      "cu_seqlens": batch.cu_seqlens})
-    cu = batch.cu_seqlens_cpu
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    S, L = len(lens), max(lens)
-    dev = batch.input_ids.device
-    valid = torch.arange(L, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
-    inp = torch.full((S, L), pad_id, dtype=torch.int64, device=dev)
-    inp[valid] = batch.input_ids
-    return decoder_hidden(model, {"input_ids": inp, "attention_mask": valid.long()})[valid]

@@ -7,15 +7,19 @@ One optimizer step::
     for micro-batch in algorithm.micro_batches(examples, step):
         loss, metrics = algorithm.compute_loss(micro-batch); backward(loss / n_micro)
     average over ranks, clip, AdamW step, schedule step, algorithm.on_step_end(step)
+    (an algorithm's extra modules -- a critic, a reward model -- step their Runtime.build_optimizer optimizers
+    themselves; the trainer only tells them the schedule position, runtime.steps_done, and checkpoints them)
 
 With ``train.sft_warmup_steps = W > 0`` steps ``1..W`` run SFT on the chosen responses (constant
 ``train.sft_warmup_lr``), then the reference is taken from the warmed-up policy and the main algorithm runs with
-its own warm-up + cosine/linear schedule. Checkpoints (``checkpoints/step-N``) are written to a temporary
-directory and renamed into place, and hold the trainable weights, optimizer, scheduler, RNG states, the step
-(= data position), the algorithm's state and the reference (a copy's weights, a precomputed cache); ``resume=auto``
-restarts from the newest intact one and truncates ``metrics.jsonl`` to it, so the continued run ends with the same
-weights and metrics. Their format (safetensors + JSON, a manifest of checksums), what may change on resume, and
-which files in ``output_dir`` fastpref may delete: ``fastpref.train.checkpoint``.
+its own warm-up + cosine/linear schedule. Checkpoints (``checkpoints/step-N``, written and restored by
+:class:`fastpref.train.run_state.RunState`) hold the trainable weights, optimizer, scheduler, RNG states, the step
+(= data position), the algorithm's state, its extra optimizers (``Runtime.build_optimizer``) and the reference (a
+copy's weights, a precomputed cache); ``resume=auto`` restarts from the newest intact one and truncates
+``metrics.jsonl`` to it, so the continued run ends with the same weights and metrics. Their format (safetensors +
+JSON, a manifest of checksums), what may change on resume, and which files in ``output_dir`` fastpref may delete:
+``fastpref.train.checkpoint``. What is logged and printed (metrics.jsonl, trackers, progress bar):
+:class:`fastpref.train.metrics.RunLog`.
 
 Scale-out (``fastpref.train.distributed``, ``docs/distributed.md``): launched by ``torchrun`` or ``deepspeed``
 (``WORLD_SIZE`` set), each step's global batch is ``batch_size * grad_accum * world_size`` rows and rank ``r``
@@ -29,12 +33,9 @@ ranks; rank 0 writes files.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -44,17 +45,16 @@ from fastpref.data.dataset import (DataError, LoadReport, Tokenization, identica
                                    split_examples)
 from fastpref.train import checkpoint as ckpt
 from fastpref.train.algorithms.base import ALGORITHMS, Algorithm, Runtime, load_builtin_algorithms
-from fastpref.train.config import Config, config_to_dict, ConfigError, check_device_available, dump_config, validate_config
-from fastpref.train.distributed import all_reduce_mean, init_process_group, make_parallel, parallel_kind
+from fastpref.train.config import Config, ConfigError, check_device_available, dump_config, validate_config
+from fastpref.train.distributed import init_process_group, make_parallel, parallel_kind
+from fastpref.train.metrics import RunLog, count_tokens, mean_metrics
 from fastpref.train.modeling import build_model, build_tokenizer, check_logits
 from fastpref.train.precision import Precision
 from fastpref.train.reference import cache_key, make_reference, weights_sha256
+from fastpref.train.run_state import RunState, seed_all
 from fastpref.train.schedule import lr_lambda
-from fastpref.train.reporting import Reporter, check_report_to
 
 log = logging.getLogger("fastpref.train")
-
-_CKPT = "checkpoints"
 
 
 @dataclass
@@ -78,58 +78,6 @@ def _device(cfg: Config) -> torch.device:
     return torch.device(cfg.train.device)
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _rng_state() -> dict:
-    import numpy as np
-
-    st = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    import numpy as np
-
-    random.setstate(st["python"])
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _tokens(examples: list[dict]) -> int:
-    n = 0
-    for e in examples:
-        resp = [len(v) for k, v in e.items() if k.endswith("_ids") and k != "prompt_ids"]
-        n += sum(resp) + len(e.get("prompt_ids", ())) * max(1, len(resp))
-    return n
-
-
-def _mean_metrics(items: list[tuple[int, dict]]) -> dict[str, float]:
-    """Weighted means (weights = examples per micro-batch) of metric dicts of tensors or floats."""
-    tot: dict[str, float] = {}
-    wsum: dict[str, float] = {}
-    for w, m in items:
-        for k, v in m.items():
-            v = float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
-            if math.isnan(v):
-                continue
-            tot[k] = tot.get(k, 0.0) + w * v
-            wsum[k] = wsum.get(k, 0.0) + w
-    return {k: tot[k] / wsum[k] for k in tot}
-
-
 # ---------------------------------------------------------------------------------------------- the trainer
 
 class Trainer:
@@ -141,16 +89,12 @@ class Trainer:
         self.stop_after = stop_after  # tests: stop (as if killed) after this step
         self.out = cfg.output_dir
         self.rank, self.world = 0, 1
-        self._bar = None
+        self.metrics = RunLog(self.out, quiet=quiet)  # metrics.jsonl, trackers, progress bar, printed lines
+        self.metrics_path = self.metrics.path
 
-    # ---- printing
     def say(self, msg: str) -> None:
-        if self.rank != 0:
-            return
-        if self._bar is not None:
-            self._bar.write(msg)
-        else:
-            print(msg, flush=True)
+        """Print ``msg`` on rank 0 (through the progress bar while it runs)."""
+        self.metrics.say(msg)
 
     # ---- set-up
     def _load_data(self, algo_cls: type[Algorithm], tokenizer) -> None:
@@ -225,62 +169,12 @@ class Trainer:
         gbs = t.batch_size * t.grad_accum * self.world
         return t.sft_warmup_steps + t.epochs * max(1, len(self.train_ex) // gbs)
 
-    # ---- checkpoints (format, verification and what may change on resume: fastpref.train.checkpoint)
+    # ---- checkpoints (written and restored by fastpref.train.run_state; the format: fastpref.train.checkpoint)
     def _save(self, step: int) -> None:
-        root = os.path.join(self.out, _CKPT)
-        final = os.path.join(root, f"step-{step}")
-        tmp = os.path.join(root, f".tmp-step-{step}")
-        if self.rank == 0:
-            self.rundir.own(_CKPT)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        self._barrier()
-        self.par.save_checkpoint(tmp)  # model, optimizer, schedule (a collective under FSDP / DeepSpeed)
-        ref_state = self.reference.state_dict()
-        self._barrier()
-        if self.rank != 0:
-            self._barrier()
-            return
-        ckpt.save_state(tmp, "rng", _rng_state())
-        ckpt.save_state(tmp, "algorithm", {"main": self.algo.state_dict(), "reference": ref_state})
-        with open(os.path.join(tmp, ckpt.TRAINER_STATE), "w") as fh:
-            json.dump({"step": step, "data_position": step * self.cfg.train.batch_size * self.cfg.train.grad_accum,
-                       "reference_taken": self.ref_taken, **self.snapshot}, fh)
-        ckpt.write_manifest(tmp)  # last: every file with its size and sha256
-        if os.path.exists(final) and not ckpt.remove_checkpoint(final, self.say):
-            raise ckpt.CheckpointError(f"{final}: cannot be replaced: it holds files fastpref did not write")
-        os.replace(tmp, final)
-        keep = self.cfg.train.keep_checkpoints
-        if keep:
-            for _, old in ckpt.checkpoint_dirs(root)[:-keep]:
-                ckpt.remove_checkpoint(old, self.say)
-        self._barrier()
-
-    def _barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def _load(self, resume: ckpt.Resume) -> int:
-        """Restore the verified checkpoint ``resume`` (every rank); returns its step."""
-        path, st = resume.path, resume.state
-        try:
-            self.par.load_checkpoint(path)
-            algo_state = ckpt.load_state(path, "algorithm", self.device)
-            self.algo.load_state_dict(algo_state["main"])
-            self.ref_taken = st["reference_taken"]
-            if self.ref_taken:
-                if self.reference.needs_copy:
-                    self._copy_reference()
-                self.reference.load_state_dict(algo_state["reference"])  # a copy's weights, a precomputed cache
-            _set_rng_state(ckpt.load_state(path, "rng"))
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            if isinstance(e, (ConfigError, torch.OutOfMemoryError)):
-                raise
-            raise ckpt.CheckpointError(f"resume: {path} does not fit this run ({type(e).__name__}: "
-                                       f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-        return st["step"]
+        t = self.cfg.train
+        self.run_state.save(step, par=self.par, algo=self.algo, runtime=self.rt, reference=self.reference,
+                            trainer_state={"data_position": step * t.batch_size * t.grad_accum,
+                                           "reference_taken": self.ref_taken, **self.snapshot})
 
     # ---- reference
     def _precompute(self) -> None:
@@ -325,20 +219,11 @@ class Trainer:
                 items.append((len(chunk), algo.eval_metrics(algo.collate(chunk))))
             self.eval_rows += len(chunk)
         self.model.train()
-        return {f"eval/{k}": v for k, v in _mean_metrics(items).items()}
-
-    def _write(self, record: dict) -> None:
-        if self.rank != 0:
-            return
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            self.tb.log(record)
+        return {f"eval/{k}": v for k, v in mean_metrics(items).items()}
 
     # ---- the run
     def run(self) -> RunResult:
         cfg = self.cfg
-        self._bar = None
         t0 = time.time()
         validate_config(cfg)  # a Config built in code gets the checks load_config does, before anything is built
         check_device_available(cfg.train.device)
@@ -349,14 +234,14 @@ class Trainer:
             torch.set_num_threads(cfg.train.cpu_threads)
         kind = parallel_kind(cfg)
         self.rank, self.world = init_process_group(kind, self.device)
+        self.metrics.rank, self.metrics.world, self.metrics.device = self.rank, self.world, self.device
         self.par = make_parallel(cfg, kind, self.device, self.rank, self.world)
         self.amp = Precision(cfg, self.device)  # autocast of train.precision (the fp16 scaler is self.par.scaler)
-        _seed_all(cfg.train.seed)
+        seed_all(cfg.train.seed)
         tokenizer = build_tokenizer(cfg)
         self._load_data(algo_cls, tokenizer)            # bad data stops the run here, before any training
         ref_mode = self._reference_mode(algo_cls)
         self.par.check_reference(ref_mode)
-        self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         self.data_fp = ckpt.data_fingerprint(cfg, self.train_ex + self.eval_ex)
         self.snapshot = ckpt.run_snapshot(cfg, self.par.checkpoint_format, self.world, self.data_fp)
         # which checkpoint (verified, with fallback), config changes, a finished run, may output_dir be written:
@@ -366,14 +251,16 @@ class Trainer:
         if plan.finished is not None:
             self.say(plan.finished)
             return RunResult(self.rundir.finished["step"], {}, {}, time.time() - t0, self.out)
-        self._barrier()
+        self.run_state = RunState(self.out, rank=self.rank, world=self.world, rundir=self.rundir,
+                                  keep=cfg.train.keep_checkpoints, say=self.say)
+        self.run_state.barrier()
         if self.rank == 0:
             self.rundir.start(fresh=plan.resume is None)  # a fresh start clears fastpref's own outputs only
             with open(os.path.join(self.out, "config.yaml"), "w") as fh:
                 fh.write(dump_config(cfg))
             self.rundir.own("config.yaml")
             self.rundir.own("metrics.jsonl")
-        self._barrier()
+        self.run_state.barrier()
 
         self._build_model = lambda: build_model(cfg, tokenizer, algo_cls.model_kind, say=self.say)
         model = self._build_model().to(self.device)
@@ -382,8 +269,9 @@ class Trainer:
         self.model = self.par.wrap(model)
         self.model.train()
         self.reference = make_reference(ref_mode, self.model)
-        rt = Runtime(cfg=cfg, model=self.model, tokenizer=tokenizer, device=self.device, reference=self.reference,
-                     extras={"train_examples": self.train_ex}, total_steps=self._total_steps())
+        self.rt = rt = Runtime(cfg=cfg, model=self.model, tokenizer=tokenizer, device=self.device,
+                               reference=self.reference, rank=self.rank, world=self.world,
+                               train_examples=self.train_ex, total_steps=self._total_steps())
         try:
             self.algo = algo_cls(cfg, rt)
         except ValueError as e:  # a loss option the loss rejects (e.g. an unknown loss.type)
@@ -399,7 +287,9 @@ class Trainer:
         self.ref_taken = False
         start = 0
         if plan.resume is not None:
-            start = self._load(plan.resume)
+            start, self.ref_taken = self.run_state.load(plan.resume, par=self.par, algo=self.algo, runtime=rt,
+                                                        reference=self.reference, device=self.device,
+                                                        copy_reference=self._copy_reference)
             if ckpt.schedule_changed(plan.changes):  # a new optim.lr / schedule / length takes effect now
                 ckpt.retarget_lr(self.sched, o.lr)
             if self.rank == 0:
@@ -412,15 +302,7 @@ class Trainer:
             self._take_reference()
         self.algo.on_train_start()
 
-        self.tb = None  # the run's trackers (train.report_to), rank 0 only; metrics.jsonl is always written
-        if self.rank == 0:
-            self.tb = Reporter(check_report_to(cfg.train.report_to), self.out, config=config_to_dict(cfg),
-                               run_name=os.path.basename(os.path.abspath(self.out)), start_step=start,
-                               own=self.rundir.own)
-        if not self.quiet and self.rank == 0:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, initial=start, desc=cfg.algorithm, dynamic_ncols=True)
+        self.metrics.open(cfg, start=start, total=total, own=self.rundir.own)  # trackers, progress bar (rank 0)
         self.say(f"fastpref train: algorithm={cfg.algorithm} model={cfg.model.name_or_path} "
                  f"({n_params / 1e6:.2f}M trainable) reference={ref_mode} train={len(self.train_ex)} "
                  f"eval={len(self.eval_ex)} steps={total} device={self.device} parallel={kind}x{self.world}")
@@ -428,10 +310,8 @@ class Trainer:
         last_train: dict = {}
         last_eval: dict = {}
         if start == 0 and cfg.train.eval_every:  # the baseline point of the eval curves
-            ev = self.evaluate(warm_algo if warm else self.algo)
-            if ev:
-                self._write({"step": 0, "phase": "eval", **ev})
-        tok_count, t_window = 0, time.time()
+            self.metrics.eval_record(0, self.evaluate(warm_algo if warm else self.algo), echo=False)
+        self.metrics.tokens.reset()  # the tokens/s window
         for step in range(start + 1, total + 1):
             in_warmup = step <= warm
             if not in_warmup and not self.ref_taken:
@@ -439,6 +319,7 @@ class Trainer:
             algo = warm_algo if in_warmup else self.algo
             examples = self._global_batch(step)
             algo.step_metrics = {}
+            rt.steps_done = step - 1  # the extra optimizers' position in the run's schedule
             with self.amp.autocast():  # on-line algorithms roll out and score old / reference log-probs here
                 micro = algo.micro_batches(examples, step)
             items = []
@@ -447,104 +328,53 @@ class Trainer:
                 with self.amp.autocast():
                     loss, metrics = algo.compute_loss(mb)
                 self.par.backward(loss / len(micro))
-                rows = mb["cu_seqlens"].numel() - 1 if "cu_seqlens" in mb else mb["input_ids"].shape[0]
+                rows = mb.num_seqs
                 items.append((rows, {"loss": loss.detach(), **metrics}))
             lr = self.opt.param_groups[0]["lr"]
             gnorm = self.par.step()  # reduce over ranks, clip, AdamW and schedule step
             algo.on_step_end(step)
-            tok_count += algo.step_metrics.pop("tokens", None) or _tokens(examples)
+            self.metrics.tokens.add(rt.step_tokens or count_tokens(examples))
+            rt.step_tokens = None
 
             if step % cfg.train.log_every == 0 or step == total:
-                rec = {"step": step, "phase": "sft_warmup" if in_warmup else cfg.algorithm,
-                       **self._ranks_mean(_mean_metrics(items)), "lr": lr}
-                if gnorm is not None:
-                    rec["grad_norm"] = float(gnorm)
-                if self.par.loss_scale is not None:
-                    rec["amp/loss_scale"] = self.par.loss_scale
-                rec.update({k: float(v) for k, v in algo.step_metrics.items()})
-                dt = max(time.time() - t_window, 1e-9)
-                rec["tokens_per_s"] = tok_count / dt
-                tok_count, t_window = 0, time.time()
+                rec = self.metrics.train_record(step, "sft_warmup" if in_warmup else cfg.algorithm, items, lr=lr,
+                                                grad_norm=gnorm, loss_scale=self.par.loss_scale,
+                                                step_metrics=algo.step_metrics)
                 from fastpref.train.diagnostics import observe  # warnings + diag/* flags (docs/trainer.md)
 
                 rec.update(observe(self, rec, step))
-                self._write(rec)
+                self.metrics.write(rec)
+                self.metrics.show(rec)
                 last_train = rec
-                if self._bar is not None:
-                    post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
-                    for k in ("rewards/accuracies", "rewards/margins", "accuracy"):
-                        if k in rec:
-                            post[k.split("/")[-1][:6]] = f"{rec[k]:.3f}"
-                    self._bar.set_postfix(post, refresh=False)
-                else:
-                    self.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                      for k, v in rec.items()))
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
                 ev = self.evaluate(algo)
-                if ev:
-                    self._write({"step": step, "phase": "eval", **ev})
-                    last_eval = ev
-                    self.say(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+                self.metrics.eval_record(step, ev)
+                last_eval = ev or last_eval
             if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == total):  # the last one: a longer
                 # train.max_steps later continues from the end, not from the last periodic checkpoint
                 self._save(step)
-            if self._bar is not None:
-                self._bar.update(1)
+            self.metrics.advance()
             if self.stop_after is not None and step >= self.stop_after:
-                self._close()
-                self._barrier()  # no rank leaves (and tears its process group down) while another still talks to it
+                self.metrics.close()
+                self.run_state.barrier()  # no rank leaves (and tears its process group down) while another talks
                 return RunResult(step, last_train, last_eval, time.time() - t0, self.out)
 
-        self._close()
+        self.metrics.close()
         state = self.par.final_state()  # full weights (a collective under FSDP / ZeRO-3), None: the model's own
         if self.rank != 0:
-            self._barrier()
+            self.run_state.barrier()
             return RunResult(total, last_train, last_eval, time.time() - t0, self.out)
-        self._save_final(tokenizer, state, self.algo)
+        self.run_state.save_final(self.model, tokenizer, state, self.algo)
         self.rundir.finish(total, self.snapshot)  # a rerun of the same command says it is finished
-        self._barrier()
+        self.run_state.barrier()
         if cfg.train.plots:
             from fastpref.train.plots import plot_metrics
 
             plots = os.path.join(self.out, "plots")
             self.rundir.own("plots", [os.path.relpath(p, plots) for p in plot_metrics(self.metrics_path, plots)])
         secs = time.time() - t0
-        acc = last_eval.get("eval/rewards/accuracies", last_eval.get("eval/accuracy"))
-        if acc is not None:
-            print(f"held-out preference accuracy: {acc:.3f}  ({self.eval_rows} pairs, step {total}, {secs:.1f}s) "
-                  f"-> {self.out}", flush=True)
-        else:
-            print(f"done: step {total}, {secs:.1f}s -> {self.out}", flush=True)
+        self.metrics.summary(last_eval, self.eval_rows, total, secs)
         return RunResult(total, last_train, last_eval, secs, self.out)
-
-    def _ranks_mean(self, metrics: dict[str, float]) -> dict[str, float]:
-        """``metrics`` averaged over ranks (every rank logs the same keys: same algorithm, same batch shape)."""
-        if self.world == 1 or not metrics:
-            return metrics
-        keys = sorted(metrics)
-        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
-        all_reduce_mean([t])
-        return dict(zip(keys, t.tolist()))
-
-    def _close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-
-    def _save_final(self, tokenizer, state: dict | None, algo: Algorithm) -> None:
-        final = os.path.join(self.out, "final")
-        tmp = os.path.join(self.out, ".tmp-final")
-        self.rundir.own(".tmp-final")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, **({} if state is None else {"state_dict": state}))
-        tokenizer.save_pretrained(tmp)
-        algo.save_final(tmp)
-        self.rundir.own("final", ckpt.files_below(tmp))  # recorded before the rename: the marker never lags
-        shutil.rmtree(final, ignore_errors=True)  # (plan_start refused a final/ holding files fastpref did not write)
-        os.replace(tmp, final)
 
 
 def dataclass_dict(obj) -> dict:

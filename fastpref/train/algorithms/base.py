@@ -26,12 +26,16 @@ How an on-line algorithm (``fastpref/train/online/*``: grpo, ppo, online_dpo, ..
    with defaults). Registration makes ``grpo:`` a valid YAML section and ``grpo.num_generations=8`` a valid
    override; the instance is ``self.cfg.sections["grpo"]`` (or ``self.section``).
 3. **Generate before the loss**: override :meth:`micro_batches` to roll out (``self.rt.model.generate`` with the
-   KV cache under ``torch.no_grad()``), score, compute advantages / old and reference log-probs (with
-   :meth:`Runtime.sequence_logps` under no_grad), and return the micro-batches :meth:`compute_loss` consumes.
-   Put timings (``time/generate``...) into ``self.step_metrics``; the trainer logs them with the step.
+   KV cache under ``torch.no_grad()``), score, compute advantages / old and reference log-probs (under
+   no_grad), and return the micro-batches :meth:`compute_loss` consumes. Put timings (``time/generate``...) into
+   ``self.step_metrics`` and the step's trained token count into ``self.rt.step_tokens``; the trainer logs them
+   with the step. The training split is ``self.rt.train_examples``, the process's place ``rt.rank`` / ``rt.world``.
 4. **State**: everything that must survive a resume (round index, replay buffer, a refreshed reference's
    weights, RNG of the sampler) goes in :meth:`state_dict` / :meth:`load_state_dict`; the trainer saves it in
    every checkpoint (``algorithm.safetensors`` + ``algorithm.json``, see ``fastpref.train.checkpoint``) and restores it before the first step after a resume.
+   An extra trainable module (a critic, a reward model) gets its optimizer from
+   :meth:`Runtime.build_optimizer` and is stepped with its ``update()``: averaged over ranks, clipped, scheduled
+   like the policy, and checkpointed by the trainer (its weights and optimizer state are not the algorithm's).
 5. **Reference**: ``self.rt.reference`` is a :class:`fastpref.train.reference.ReferenceMode` (one class per
    ``copy``, ``lora_base``, ``precompute`` or ``none``) with ``sequence_logps(batch)``, ``network()`` (the frozen
    network for per-token log-probs) and ``refresh(model)`` (copies the current policy into a ``copy`` reference;
@@ -45,17 +49,21 @@ against; do not change them lightly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from fastpref.train.config import Config
 from fastpref.train.registry import ALGORITHMS, load_builtin_algorithms, register_algorithm  # noqa: F401  (re-exported)
 
+if TYPE_CHECKING:
+    from fastpref.train.distributed import ExtraOptimizer
+
 
 @dataclass
 class Runtime:
-    """What the trainer hands an algorithm: the models, the tokenizer and the device.
+    """What the trainer hands an algorithm: the models, the tokenizer, the device, the process's place in the run,
+    the training split, and the one way to build an optimizer for an extra trainable module.
 
     ``model`` is the trained module (a ``PreTrainedModel`` or a PEFT wrapper around one); ``reference`` a
     :class:`fastpref.train.reference.ReferenceMode`; ``tokenizer`` has ``encode(text, add_special_tokens=False)``,
@@ -68,23 +76,52 @@ class Runtime:
     tokenizer: Any
     device: torch.device
     reference: Any = None
-    extras: dict = field(default_factory=dict)
-    """Free slot for algorithm-specific objects (a critic, a reward model, a generation backend). The trainer
-    puts the training split there as ``"train_examples"`` (GRPO's dynamic sampling draws fresh refill prompts
-    from it)."""
+    rank: int = 0
+    """This process's rank (0 without a launcher)."""
+    world: int = 1
+    """Number of processes of the run."""
+    train_examples: list[dict] = field(default_factory=list)
+    """The whole training split (every rank's rows; empty: not handed over). GRPO's dynamic sampling draws fresh
+    refill prompts from it, the iterative on-line methods their iteration prompts, PPO its reward-normaliser
+    samples."""
     total_steps: int = 0
     """Optimizer steps of the whole run (the trainer's count, SFT warm-up included); 0: unknown, read
-    ``train.max_steps``. Extra optimizers (PPO's separate critic) follow the run's schedule over it."""
+    ``train.max_steps``. Extra optimizers follow the run's schedule over it."""
+    steps_done: int = 0
+    """Optimizer steps the policy has taken so far (the trainer sets it before each step): where the extra
+    optimizers read the run's schedule."""
+    step_tokens: int | None = None
+    """Tokens the current step trains on, when the algorithm knows them (on-line algorithms: prompt + completion
+    of the rollout's micro-batches); the trainer reads it for tokens/s and resets it to None after every step
+    (None: it counts the step's examples)."""
+    optimizers: dict[str, ExtraOptimizer] = field(default_factory=dict)
+    """The extra optimizers built by :meth:`build_optimizer`, by name (the trainer checkpoints them)."""
 
-    def sequence_logps(self, batch: dict, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sequence summed log-probs of the scored tokens and their counts, ``([S] fp32, [S] int)``.
+    def build_optimizer(self, module: torch.nn.Module, lr: float, *, name: str) -> ExtraOptimizer:
+        """The AdamW of an extra trainable ``module`` (PPO's separate critic, APO's reward model) at base learning
+        rate ``lr``: gradients averaged over ranks, clipped to ``optim.max_grad_norm``, the run's schedule at
+        :attr:`steps_done`, checkpointed and resumed with the run (its weights and optimizer state: keep them out
+        of the algorithm's own ``state_dict``). Step it with ``.update()`` (see
+        :class:`fastpref.train.distributed.ExtraOptimizer`); ``name`` prefixes its metrics and keys its state (one
+        module per name: building a name again, as an algorithm rebuilt on the same runtime does, replaces it)."""
+        from fastpref.train.distributed import ExtraOptimizer
 
-        From the last hidden state and the LM head weight via ``fastpref.ops.linear_logprobs`` (never full
-        logits); differentiable unless called under ``torch.no_grad()``.
-        """
-        from fastpref.train.modeling import sequence_logps
+        opt = ExtraOptimizer(name, module, lr, self.cfg, self.total_steps or self.cfg.train.max_steps,
+                             position=lambda: self.steps_done)
+        self.optimizers[name] = opt
+        return opt
 
-        return sequence_logps(self.model if model is None else model, batch)
+    def optimizer_state(self) -> dict:
+        """Every extra optimizer's :meth:`~fastpref.train.distributed.ExtraOptimizer.checkpoint_state`, by name."""
+        return {name: opt.checkpoint_state() for name, opt in self.optimizers.items()}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Inverse of :meth:`optimizer_state`; the names must be this run's (``ValueError`` naming them)."""
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"extra optimizers: the checkpoint holds {sorted(state)}, this run builds "
+                             f"{sorted(self.optimizers)}")
+        for name, opt in self.optimizers.items():
+            opt.load_checkpoint_state(state[name])
 
 
 class Algorithm:
@@ -101,22 +138,15 @@ class Algorithm:
     model_kind: ClassVar[str] = "causal_lm"
     """``causal_lm`` or ``sequence_classification`` (reward models: a scalar head on the last token)."""
     config_class: ClassVar[type | None] = None
-    """Optional dataclass for the algorithm's own top-level config section (named like the algorithm)."""
-
-    default_loss_type: ClassVar[str | None] = None
-    """What ``loss.type=auto`` means for this algorithm (None: the algorithm has no loss types)."""
-    loss_types: ClassVar[tuple[str, ...] | None] = None
-    """The valid ``loss.type`` values besides ``auto`` (None: not checked, the loss ignores ``loss.type``)."""
+    """Optional dataclass for the algorithm's own top-level config section (named like the algorithm). Every
+    built-in algorithm has one holding all the options of its loss (``dpo.beta``, ``kto.desirable_weight``, ...);
+    its ``validate()`` checks them (loss types, combinations) when the config is loaded."""
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        """Refuse option combinations this algorithm cannot run, before any model is built (called by
-        :func:`fastpref.train.config.validate_config`; raise ``ValueError`` naming the key). Default: ``loss.type``
-        must be ``auto`` or one of :attr:`loss_types`."""
-        t = cfg.loss.type
-        if cls.loss_types is not None and t != "auto" and t not in cls.loss_types:
-            raise ValueError(f"loss.type={t!r} is not a {cls.name} loss type (expected auto or one of "
-                             f"{', '.join(cls.loss_types)})")
+        """Refuse option combinations across sections this algorithm cannot run, before any model is built (called
+        by :func:`fastpref.train.config.validate_config` before the section's own ``validate()``; raise
+        ``ValueError`` naming the key). Default: nothing to check."""
 
     def __init__(self, cfg: Config, rt: Runtime):
         self.cfg = cfg
@@ -125,10 +155,9 @@ class Algorithm:
         """Extra per-step scalars (timings, reward stats) logged with the step; cleared by the trainer."""
 
     @property
-    def loss_type(self) -> str | None:
-        """``loss.type`` with ``auto`` resolved to :attr:`default_loss_type`."""
-        t = self.cfg.loss.type
-        return self.default_loss_type if t == "auto" else t
+    def loss_type(self):
+        """This algorithm's ``<name>.loss_type`` (None when its section has none)."""
+        return getattr(self.section, "loss_type", None)
 
     @property
     def section(self):
@@ -136,22 +165,24 @@ class Algorithm:
         return self.cfg.sections.get(self.name)
 
     # ---- batches
-    def collate(self, examples: list[dict]) -> dict:
-        """Tokenized examples -> one micro-batch (a dict of tensors on ``self.rt.device``)."""
+    def collate(self, examples: list[dict]) -> Any:
+        """Tokenized examples -> one micro-batch on ``self.rt.device``: a ``fastpref.data.batch.Batch`` (built by
+        ``fastpref.data.collate``), or an algorithm's own typed micro-batch holding one. The trainer reads only its
+        ``num_seqs``."""
         raise NotImplementedError
 
-    def micro_batches(self, examples: list[dict], step: int) -> list[dict]:
+    def micro_batches(self, examples: list[dict], step: int) -> list[Any]:
         """The micro-batches of one optimizer step from its ``examples`` (``grad_accum`` equal parts)."""
         n = self.cfg.train.grad_accum
         size = -(-len(examples) // n)
         return [self.collate(examples[i:i + size]) for i in range(0, len(examples), size)]
 
     # ---- loss
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, metrics)`` of one micro-batch; metrics are detached 0-dim tensors with TRL's names."""
         raise NotImplementedError
 
-    def eval_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
+    def eval_metrics(self, batch: Any) -> dict[str, torch.Tensor]:
         """Metrics of one held-out micro-batch (called under ``torch.no_grad()``); default: the loss and its
         metrics."""
         loss, metrics = self.compute_loss(batch)

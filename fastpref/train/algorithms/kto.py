@@ -7,25 +7,40 @@ hidden-state path. The loss is :class:`fastpref.losses.fused_preference.FusedLin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fastpref.data.collate import collate_single
 from fastpref.losses.preference import KTO_LOSS_TYPES
 from fastpref.train.algorithms.base import Algorithm, register_algorithm
+from fastpref.train.config import one_of, ranged
 from fastpref.train.diagnostics import labelled_length_metrics
 from fastpref.train.modeling import decoder_hidden, lm_head, logit_transform, sequence_logps
+
+
+@dataclass
+class KTOConfig:
+    """``kto:`` the KTO loss (``fastpref.losses.kto_loss``): TRL's ``KTOConfig`` names and defaults."""
+
+    beta: float = ranged(0.1, "> 0")
+    """Inverse temperature of the implicit reward."""
+    loss_type: str = one_of(*KTO_LOSS_TYPES)
+    """``kto`` (Ethayarajh et al. 2024, arXiv:2402.01306) or ``apo_zero_unpaired`` (APO, arXiv:2408.06266)."""
+    desirable_weight: float = ranged(1.0, "> 0")
+    """Weight of the desirable (label true) examples' losses."""
+    undesirable_weight: float = ranged(1.0, "> 0")
+    """Weight of the undesirable (label false) examples' losses."""
 
 
 @register_algorithm("kto")
 class KTO(Algorithm):
     data_kind = "kto"
     needs_reference = True
-    default_loss_type = "kto"
-    loss_types = KTO_LOSS_TYPES
+    config_class = KTOConfig
 
     @classmethod
     def check_config(cls, cfg):
-        super().check_config(cfg)
         if cfg.reference.mode == "precompute":
             # z0 needs reference log-probs of mismatched pairs that change with every batch: not cacheable
             raise ValueError("reference.mode=precompute is not supported for KTO (its reference point needs the "
@@ -37,10 +52,9 @@ class KTO(Algorithm):
 
         self.check_config(cfg)
 
-        lc = cfg.loss
-        self.loss_fn = FusedLinearKTOLoss(beta=lc.beta, loss_type=self.loss_type,
-                                          desirable_weight=lc.desirable_weight,
-                                          undesirable_weight=lc.undesirable_weight,
+        sec = self.section  # validate=False: our collator's inputs, no host syncs on the step
+        self.loss_fn = FusedLinearKTOLoss(beta=sec.beta, loss_type=sec.loss_type, desirable_weight=sec.desirable_weight,
+                                          undesirable_weight=sec.undesirable_weight, validate=False,
                                           **logit_transform(rt.model).kwargs())
 
     def collate(self, examples):
@@ -50,15 +64,15 @@ class KTO(Algorithm):
         if len(examples) > 1:  # mismatched pairs for z0: prompt i with completion i+1
             shifted = [{"prompt_ids": e["prompt_ids"], "completion_ids": examples[(i + 1) % len(examples)]
                         ["completion_ids"]} for i, e in enumerate(examples)]
-            batch["kl"] = collate_single(shifted, pad, device=self.rt.device, pack=pack)
+            batch.kl = collate_single(shifted, pad, device=self.rt.device, pack=pack)
         return batch
 
     def _z0(self, batch) -> torch.Tensor | None:
-        if "kl" not in batch:
+        if batch.kl is None:
             return None
-        kl_batch = batch["kl"]
+        kl_batch = batch.kl
         with torch.no_grad():
-            pol = sequence_logps(self.rt.model, kl_batch)[0]
+            pol = sequence_logps(self.rt.model, kl_batch)
             ref = self.rt.reference.compute(kl_batch)
         return (pol - ref).mean().clamp(min=0)
 
@@ -67,8 +81,8 @@ class KTO(Algorithm):
         z0 = self._z0(batch)
         hidden = decoder_hidden(self.rt.model, batch)
         w, b = lm_head(self.rt.model)
-        kw = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
-        loss, metrics = self.loss_fn(hidden, w, batch["targets"], bias=b, ref_logps=ref, labels=batch["labels"],
+        kw = {"cu_seqlens": batch.cu_seqlens, "cu_seqlens_host": batch.cu_seqlens_host} if batch.packed else {}
+        loss, metrics = self.loss_fn(hidden, w, batch.targets, bias=b, ref_logps=ref, labels=batch.labels,
                                      kl=z0, **kw)
         if z0 is not None:
             metrics["kl"] = z0.detach()

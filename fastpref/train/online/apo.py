@@ -5,7 +5,8 @@ preference data.
 
 Iteration t: the policy M_t (frozen: the iteration's dataset is built before it trains) samples
 ``generation.num_generations`` responses (default 4) for each of ``iteration_prompts`` SFT prompts. The reward
-model then takes ``rm_steps`` AdamW steps (``rm_lr``) on the paper's APO RM objective::
+model then takes ``rm_steps`` AdamW steps (``rm_lr``, scaled by the run's learning-rate schedule) on the paper's
+APO RM objective::
 
     L_RM = E[-log sigma(r(x, y_gold) - r(x, y_sample))]  +  rm_pref_coef * E_{D_P}[-log sigma(r(x, y_w) - r(x, y_l))]
 
@@ -15,8 +16,10 @@ by the updated RM, the best and the worst of each prompt make a pair, and M_{t+1
 the reference M_t (the paper's policy step is rejection sampling / any preference method on RM-ranked samples).
 The RM is ``reward_model`` (a sequence-classification checkpoint, e.g. ``final/`` of ``algorithm=rm``) or,
 without one, a model of the policy's architecture with a scalar head trained first on D_P for
-``rm_init_steps`` Bradley-Terry steps (the tiny-model setting; the paper starts from a trained RM). Its
-weights and optimizer are in the checkpointed state. Deviations: docs/online.md.
+``rm_init_steps`` Bradley-Terry steps (the tiny-model setting; the paper starts from a trained RM). Its AdamW
+comes from ``Runtime.build_optimizer`` (the ``optim`` betas, eps, weight decay and ``max_grad_norm``, gradients
+averaged over ranks so every rank keeps the same RM), and the trainer checkpoints its weights and optimizer with
+the run. Deviations: docs/online.md.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class APOConfig(PairDPOConfig):
     rm_steps: int = 4
     """Reward-model updates at the start of every iteration."""
     rm_lr: float = 1e-4
-    """Learning rate of the reward model's AdamW."""
+    """Base learning rate of the reward model's AdamW (it follows the run's schedule, as the policy's)."""
     rm_pref_coef: float = 1.0
     """Weight of the Bradley-Terry loss on D_P in the RM objective."""
     rm_batch_size: int = 32
@@ -96,7 +99,7 @@ class APO(PairDPOAlgorithm):
         if rm.config.pad_token_id is None:
             rm.config.pad_token_id = self.pad_id
         self.rm = rm.to(rt.device)
-        self.rm_opt = torch.optim.AdamW(self.rm.parameters(), lr=sec.rm_lr)
+        self.rm_opt = rt.build_optimizer(self.rm, sec.rm_lr, name="rm")
         self.rm_rng = torch.Generator().manual_seed(cfg.train.seed)
         if not sec.reward_model:
             for _ in range(sec.rm_init_steps):
@@ -118,7 +121,8 @@ class APO(PairDPOAlgorithm):
         return float((rw > rl).float().mean())
 
     def _rm_step(self, adv: list[Pair] | None) -> dict:
-        """One AdamW step of the RM on ``adv`` (gold vs sample; None: only the BT term) + the BT loss on D_P."""
+        """One optimizer step of the RM on ``adv`` (gold vs sample; None: only the BT term) + the BT loss on D_P
+        (every rank takes it: its gradients are averaged over ranks)."""
         self.rm.train()
         loss, m = torch.zeros(()), {}
         if adv:
@@ -137,7 +141,7 @@ class APO(PairDPOAlgorithm):
             m["rm/bt_loss"] = bt.detach()
         self.rm_opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.rm_opt.step()
+        m.update(self.rm_opt.update())
         self.rm.eval()
         return {**m, "rm/loss": loss.detach()}
 
@@ -164,12 +168,9 @@ class APO(PairDPOAlgorithm):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd.update({"rm": self.rm.state_dict(), "rm_opt": self.rm_opt.state_dict(),
-                   "rm_rng": self.rm_rng.get_state()})
+        sd["rm_rng"] = self.rm_rng.get_state()  # the RM's weights and optimizer: the trainer's extra state
         return sd
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.rm.load_state_dict(state["rm"])
-        self.rm_opt.load_state_dict(state["rm_opt"])
         self.rm_rng.set_state(state["rm_rng"])

@@ -19,18 +19,19 @@ import random
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 
+from fastpref.data.batch import Batch
 from fastpref.losses.fused_preference import FusedLinearDPOLoss
 from fastpref.losses.preference import DPO_LOSS_TYPES, dpo_loss
-from fastpref.ops import linear_logprobs, segment_sum
 from fastpref.rewards import get_reward_fn, is_messages, score_rewards
 from fastpref.train.algorithms.base import Algorithm
 from fastpref.train.config import ConfigError
-from fastpref.train.modeling import lm_head, logit_transform
-from fastpref.train.rollout import GenerationConfig, PackedBatch, Rollout, generate, pack, policy_hidden, timed
+from fastpref.train.modeling import decoder_hidden, lm_head, logit_transform, sequence_logps
+from fastpref.train.rollout import GenerationConfig, Rollout, generate, pack, timed
 
 log = logging.getLogger("fastpref.train")
 
@@ -47,24 +48,6 @@ class OnlineConfig:
 
     def validate(self) -> None:
         self.generation.validate()
-
-
-# --------------------------------------------------------------------------------------------- log-probs
-
-def token_logps(model, batch: PackedBatch, *, temperature: float = 1.0, entropy: bool = False, impl: str = "auto",
-                pad_id: int = 0, hidden: torch.Tensor | None = None):
-    """Per-token log-probs ``[N]`` (fp32, 0 off the completion) of ``batch.targets``, and the entropy ``[N]`` when
-    asked, from the trunk's hidden states and the LM head through ``fastpref.ops.linear_logprobs``: the
-    ``[tokens, vocab]`` logits never exist. Differentiable unless called under ``torch.no_grad``."""
-    h = policy_hidden(model, batch, pad_id) if hidden is None else hidden
-    w, b = lm_head(model)
-    return linear_logprobs(h, w, batch.targets, bias=b, temperature=temperature, return_entropy=entropy, impl=impl,
-                           check_targets=False, **logit_transform(model).kwargs())
-
-
-def sequence_logps(model, batch: PackedBatch, **kw) -> torch.Tensor:
-    """Summed completion log-probs per sequence ``[S]``."""
-    return segment_sum(token_logps(model, batch, **kw), batch.cu_seqlens)
 
 
 # --------------------------------------------------------------------------------------------- pairing
@@ -104,7 +87,7 @@ def rollout_pairs(ro: Rollout, scores: list[float | None]) -> list[Pair]:
             for b, w in best_worst_pairs(scores, ro.group_size)]
 
 
-def pack_pairs(pairs: list[Pair], device=None) -> PackedBatch:
+def pack_pairs(pairs: list[Pair], device=None) -> Batch:
     """Pack pairs INTERLEAVED (sequence ``2i`` chosen, ``2i+1`` rejected of pair ``i``), as ``fastpref.ops``."""
     if not pairs:
         raise ValueError("pack_pairs: no pairs")
@@ -186,13 +169,68 @@ def parse_judge_score(text: str, max_score: float = 5.0, *, require_score_line: 
 
 # --------------------------------------------------------------------------------------------- the base
 
-def micro_batch(packed: PackedBatch | None, **fields) -> dict:
-    """A micro-batch dict for the trainer: ``packed`` plus ``fields``, and ``input_ids`` ``[S, 0]`` (the trainer
-    weights the micro-batches' metrics by ``input_ids.shape[0]``, the number of sequences). ``packed=None``
-    marks a step with nothing to train on (``compute_loss`` returns a zero loss)."""
-    n = 0 if packed is None else packed.completion_lengths.numel()
-    dev = None if packed is None else packed.input_ids.device
-    return {"packed": packed, "input_ids": torch.zeros((max(n, 1), 0), dtype=torch.int64, device=dev), **fields}
+@dataclass
+class OnlineMicroBatch:
+    """What an on-line algorithm's ``micro_batches`` hands the trainer and its ``compute_loss`` reads: the packed
+    :class:`fastpref.data.batch.Batch` of generated sequences (``None``: a step with nothing to train on;
+    ``compute_loss`` returns a zero loss) plus the algorithm's own per-row payloads, as fields of a subclass
+    (GRPO's advantages and old log-probs, PPO's values and returns, the pair methods' reference log-probs).
+    The trainer reads only :attr:`num_seqs`. Buffered micro-batches are checkpointed through :meth:`state` /
+    :meth:`from_state` (plain dicts of tensors and host values)."""
+
+    batch: Batch | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences in the micro-batch (the trainer's weight for its metrics); 1 for an empty step."""
+        return self.batch.num_seqs if self.batch is not None else 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Packed tokens trained on (prompt + completion); 0 for an empty step."""
+        return self.batch.num_tokens if self.batch is not None else 0
+
+    def state(self) -> dict:
+        """The fields as a checkpointable dict (the batch as a dict of its fields)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["batch"] = _batch_state(self.batch)
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict) -> "OnlineMicroBatch":
+        """Inverse of :meth:`state`."""
+        return cls(**{**state, "batch": _batch_from_state(state.get("batch"))})
+
+
+def _batch_state(b: Batch | None) -> dict | None:
+    if b is None:
+        return None
+    return {f.name: (_batch_state(v) if isinstance(v := getattr(b, f.name), Batch) else v) for f in fields(Batch)}
+
+
+def _batch_from_state(d: dict | None) -> Batch | None:
+    if d is None:
+        return None
+    return Batch(**{**d, "kl": _batch_from_state(d.get("kl"))})
+
+
+@dataclass
+class PromptBatch:
+    """A held-out evaluation batch of an on-line algorithm: the prompts' examples, generated from at evaluation."""
+
+    examples: list[dict]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.examples)
+
+
+@dataclass
+class PairMicroBatch(OnlineMicroBatch):
+    """A micro-batch of generated preference pairs (packed interleaved) and their reference log-probs."""
+
+    ref: torch.Tensor | None = None
+    """``[S]`` reference log-probs of the sequences (no grad)."""
 
 
 def zero_loss(model) -> torch.Tensor:
@@ -214,6 +252,8 @@ class OnlineAlgorithm(Algorithm):
     """
 
     data_kind = "prompt"
+    micro_batch_type: ClassVar[type[OnlineMicroBatch]] = OnlineMicroBatch
+    """The class of this algorithm's micro-batches (rebuilt from a checkpoint's buffered state)."""
 
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
@@ -226,7 +266,7 @@ class OnlineAlgorithm(Algorithm):
         self._timings: dict[str, float] = {}
         self._train_tokens = 0
         self._t_train = None
-        self._buffer: list[dict] = []  # the micro-batches of the current rollout
+        self._buffer: list[OnlineMicroBatch] = []  # the micro-batches of the current rollout
         self._uses_left = 0  # trainer steps left on the buffered rollout
         self._said_no_signal = False
 
@@ -286,14 +326,14 @@ class OnlineAlgorithm(Algorithm):
             return score_rewards(self.reward_fn, prompts, ro.completions, cols, completion_ids=ro.completion_ids,
                                  group_size=G)
 
-    def reuse_rollout(self, examples: list[dict], uses: int, build) -> list[dict]:
+    def reuse_rollout(self, examples: list[dict], uses: int, build) -> list[OnlineMicroBatch]:
         """``build(examples)`` (rollout -> micro-batches) every ``uses`` steps, the buffered micro-batches in
         between (GRPO's mu iterations, PPO's epochs); the buffer is part of the checkpointed state."""
         if self._uses_left == 0:
             self._buffer = build(examples)
             self._uses_left = uses
         self._uses_left -= 1
-        self.begin_train_phase(sum(mb["packed"].input_ids.numel() for mb in self._buffer if mb["packed"] is not None))
+        self.begin_train_phase(sum(mb.num_tokens for mb in self._buffer))
         return self._buffer
 
     @staticmethod
@@ -321,7 +361,7 @@ class OnlineAlgorithm(Algorithm):
         """Call at the end of ``micro_batches`` with the tokens trained on (prompt + completion): starts the
         ``train`` timer and reports the count for the trainer's tokens/s."""
         self._train_tokens = train_tokens
-        self.step_metrics["tokens"] = train_tokens
+        self.rt.step_tokens = train_tokens
         self._t_train = time.perf_counter()
 
     def on_step_end(self, step: int) -> None:
@@ -337,15 +377,15 @@ class OnlineAlgorithm(Algorithm):
         self._timings, self._t_train = {}, None
 
     # ---- held-out evaluation (the trainer calls eval_metrics(collate(chunk)) under no_grad)
-    def collate(self, examples: list[dict]) -> dict:
-        return {"examples": examples}
+    def collate(self, examples: list[dict]) -> PromptBatch:
+        return PromptBatch(examples)
 
-    def eval_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
+    def eval_metrics(self, batch: PromptBatch) -> dict[str, torch.Tensor]:
         """One sampled completion per held-out prompt: ``reward/mean`` (when a reward function is configured)
         and ``completion/mean_length``. Timings of this pass are not counted in the next step's."""
         saved, self._timings = self._timings, {}
         try:
-            examples = batch["examples"]
+            examples = batch.examples
             ro = self.rollout(examples, num_generations=1)
             out = {"completion/mean_length": ro.lengths().float().mean()}
             if self.reward_fn is not None:
@@ -356,12 +396,14 @@ class OnlineAlgorithm(Algorithm):
 
     # ---- state
     def state_dict(self) -> dict:
-        return {"round": self.round, "rng": self.rng.getstate(), "buffer": self._buffer, "uses_left": self._uses_left}
+        return {"round": self.round, "rng": self.rng.getstate(), "buffer": [mb.state() for mb in self._buffer],
+                "uses_left": self._uses_left}
 
     def load_state_dict(self, state: dict) -> None:
         self.round = state["round"]
         self.rng.setstate(state["rng"])
-        self._buffer, self._uses_left = state["buffer"], state["uses_left"]
+        self._buffer = [self.micro_batch_type.from_state(mb) for mb in state["buffer"]]
+        self._uses_left = state["uses_left"]
 
 
 # --------------------------------------------------------------------------------------------- can't-learn signals
@@ -482,6 +524,7 @@ class PairDPOAlgorithm(OnlineAlgorithm):
     """
 
     needs_reference = True
+    micro_batch_type = PairMicroBatch
     iterative = False
 
     def __init__(self, cfg, rt):
@@ -520,9 +563,9 @@ class PairDPOAlgorithm(OnlineAlgorithm):
 
     def iteration_prompt_examples(self, examples: list[dict]) -> list[dict]:
         """The prompts M_t answers: ``iteration_prompts`` (default ``steps_per_iteration * len(examples)``) of
-        the training split (``rt.extras["train_examples"]``, else the step's examples), in a seeded order that
+        the training split (``rt.train_examples``, else the step's examples), in a seeded order that
         goes through the split before repeating."""
-        pool = self.rt.extras.get("train_examples") or examples
+        pool = self.rt.train_examples or examples
         n = self.sec.iteration_prompts or self.sec.steps_per_iteration * len(examples)
         out: list[dict] = []
         while len(out) < n:
@@ -582,7 +625,7 @@ class PairDPOAlgorithm(OnlineAlgorithm):
             ref.load_state_dict(load_causal_lm(self.sec.reference_path, ref,
                                                f"{self.name}.reference_path").state_dict())
 
-    def micro_batches(self, examples: list[dict], step: int) -> list[dict]:
+    def micro_batches(self, examples: list[dict], step: int) -> list[PairMicroBatch]:
         if not self._started:
             self.start()
             self._started = True
@@ -593,7 +636,7 @@ class PairDPOAlgorithm(OnlineAlgorithm):
         if not pairs:
             self.no_signal("no usable pair in this step (every group's completions scored the same)")
             self.begin_train_phase(0)
-            return [micro_batch(None)]
+            return [PairMicroBatch(None)]
         n = max(1, min(self.cfg.train.grad_accum, len(pairs)))
         size = -(-len(pairs) // n)
         out = []
@@ -601,18 +644,19 @@ class PairDPOAlgorithm(OnlineAlgorithm):
             for i in range(0, len(pairs), size):
                 batch = pack_pairs(pairs[i:i + size], self.device)
                 with torch.no_grad():
-                    ref = sequence_logps(self.ref_module(), batch, pad_id=self.pad_id)
-                out.append(micro_batch(batch, ref=ref))
-        self.begin_train_phase(sum(mb["packed"].input_ids.numel() for mb in out))
+                    ref = sequence_logps(self.ref_module(), batch)
+                out.append(PairMicroBatch(batch, ref=ref))
+        self.begin_train_phase(sum(mb.num_tokens for mb in out))
         return out
 
-    def compute_loss(self, batch: dict):
-        if batch["packed"] is None:
+    def compute_loss(self, mb: PairMicroBatch):
+        if mb.batch is None:
             return zero_loss(self.rt.model), {}
-        packed, ref = batch["packed"], batch["ref"]
+        packed, ref = mb.batch, mb.ref
         w, b = lm_head(self.rt.model)
-        return self.loss_fn(policy_hidden(self.rt.model, packed, self.pad_id), w, packed.targets, bias=b,
-                            cu_seqlens=packed.cu_seqlens_cpu, ref_logps=(ref[0::2], ref[1::2]))
+        return self.loss_fn(decoder_hidden(self.rt.model, packed), w, packed.targets, bias=b,
+                            cu_seqlens=packed.cu_seqlens, cu_seqlens_host=packed.cu_seqlens_host,
+                            ref_logps=(ref[0::2], ref[1::2]))
 
     def on_step_end(self, step: int) -> None:
         super().on_step_end(step)

@@ -17,7 +17,9 @@ and the worst response of each prompt make a pair, and the iteration's pairs are
 preference pairs of ``offline_files`` so that they make a fraction ``gamma`` (the paper: 0.5) of the data
 (experience replay of the offline set). pi_{t+1} is trained with DPO against the reference pi_t. A constant
 implicit reward (a policy equal to its reference: no DPO model to bootstrap) stops with a one-line error.
-Deviations: docs/online.md.
+``drop_truncated`` leaves the responses that hit ``max_new_tokens`` unscored, as sail-sg/dice drops the responses
+whose generation stopped at the length limit (scripts/data_script/generate_dpo_scores.py, ``filt_invalid_pairs``:
+``stop_reason != 'length'``; ``dice/truncated`` counts them either way). Deviations from sail-sg/dice: docs/online.md.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class DICEConfig(PairDPOConfig):
     score_reference: str = "previous"
     """Reference of the implicit reward: ``previous`` (the policy's own DPO reference: the SFT model, then the
     last iterate) or ``initial`` (always the SFT model of ``reference_path``)."""
+    drop_truncated: bool = False
+    """Leave responses without EOS within ``generation.max_new_tokens`` unscored (no pair uses them), as
+    sail-sg/dice's filter of responses stopped at the length limit; false: score every response."""
 
     def validate(self) -> None:
         super().validate()
@@ -64,14 +69,15 @@ class DICEConfig(PairDPOConfig):
             raise ValueError(f"dice.alpha_grid must be a non-empty list of alphas >= 0, got {self.alpha_grid}")
 
 
-def search_length_alpha(rewards: list[float], lengths: list[int], group_size: int,
+def search_length_alpha(rewards: list[float | None], lengths: list[int], group_size: int,
                         grid) -> tuple[float, list[tuple[int, int]], float]:
     """``(alpha, pairs, gap)``: the alpha of ``grid`` whose best/worst pairs under ``reward - alpha * length``
     have the mean chosen-minus-rejected length ``gap`` closest to 0 (ties: the smallest alpha; a grid point
-    that gives no pair is skipped; none gives a pair: ``(grid[0], [], nan)``)."""
+    that gives no pair is skipped; none gives a pair: ``(grid[0], [], nan)``). ``None`` rewards (unscored
+    responses) are in no pair."""
     best = (float(min(grid)), [], float("nan"))
     for a in sorted(grid):
-        pairs = best_worst_pairs([r - a * n for r, n in zip(rewards, lengths)], group_size)
+        pairs = best_worst_pairs([None if r is None else r - a * n for r, n in zip(rewards, lengths)], group_size)
         if not pairs:
             continue
         gap = sum(lengths[w] - lengths[l] for w, l in pairs) / len(pairs)
@@ -107,8 +113,8 @@ class DICE(PairDPOAlgorithm):
         """``beta * (log pi - log pi_ref)`` per completion of ``ro`` (no grad; no length term)."""
         batch = pack_rollout(ro, self.device)
         with torch.no_grad():
-            pi = sequence_logps(self.rt.model, batch, pad_id=self.pad_id)
-            ref = sequence_logps(self.score_ref, batch, pad_id=self.pad_id)
+            pi = sequence_logps(self.rt.model, batch)
+            ref = sequence_logps(self.score_ref, batch)
         return (self.sec.beta * (pi - ref)).cpu()
 
     def build_iteration(self, prompts: list[dict]) -> list[Pair]:
@@ -120,18 +126,24 @@ class DICE(PairDPOAlgorithm):
                 r += self.implicit_rewards(ro).tolist()
             parts.append(ro)
         ro = Rollout.concat(parts)
+        if sec.drop_truncated:
+            r = [None if cut else x for x, cut in zip(r, ro.truncated)]
         lens = [len(c) for c in ro.completion_ids]
         grid = [sec.length_penalty] if sec.length_penalty is not None else sec.alpha_grid
         alpha, idx, gap = search_length_alpha(r, lens, ro.group_size, grid)
         fresh = [Pair(ro.prompt_ids[w], ro.completion_ids[w], ro.completion_ids[l]) for w, l in idx]
         counts = score_signal(r, ro.group_size)
+        if sec.drop_truncated:  # unscored on purpose: a can't-learn signal only when every response was cut
+            counts.pop("unscored samples", None)
+            counts["truncated responses"] = (sum(ro.truncated), len(r))
         if "constant reward" in counts:  # policy == its reference: the implicit reward says nothing
             fresh = []
             counts["constant reward"] = (len(r), len(r))
         mixed = self.offline.mix(fresh, sec.gamma) if fresh else []
-        t = torch.tensor(r)
+        t = torch.tensor([x for x in r if x is not None] or [float("nan")])
         self.step_metrics.update(metrics_float({
             "implicit_reward/mean": t.mean(), "implicit_reward/std": t.std(), "dice/alpha": alpha,
+            "dice/truncated": sum(ro.truncated),
             "dice/length_gap": gap, "pairs/offline": len(mixed) - len(fresh), "pairs/generated": len(fresh),
             "completion/mean_length": ro.lengths().float().mean()}))
         self.report_signal(counts, len(fresh))

@@ -9,7 +9,7 @@ Per step (Shao et al. 2024, arXiv:2402.03300; TRL's ``GRPOTrainer``):
    gradient, so they are dropped and more prompts are drawn and generated (at most ``max_refill_rounds``
    extra rollouts) until the batch holds ``train.batch_size`` informative groups (or whatever was found).
    Refills are fresh prompts (:class:`RefillStream` over the training split that the runtime hands the algorithm
-   as ``rt.extras["train_examples"]``: a seeded order of its own, skipping every prompt this run has already
+   as ``rt.train_examples``: a seeded order of its own, skipping every prompt this run has already
    rolled out); only when that stream is used up (or absent) do they come from the pool of prompts seen so far
    (the last ``refill_pool_size``, drawn with the seeded sampler);
 3. advantages: ``group_advantages`` (``scale_rewards`` group / batch / none);
@@ -39,10 +39,9 @@ from fastpref.losses.advantages import group_advantages, overlong_penalty
 from fastpref.losses.fused_policy import FusedLinearPolicyLoss
 from fastpref.losses.policy import LOSS_TYPES, resolve_loss_config
 from fastpref.train.algorithms.base import register_algorithm
-from fastpref.train.modeling import lm_head, logit_transform
-from fastpref.train.online.common import (OnlineAlgorithm, OnlineConfig, metrics_float, micro_batch, token_logps,
-                                          zero_loss)
-from fastpref.train.rollout import Rollout, pack_rollout, policy_hidden, timed
+from fastpref.train.modeling import decoder_hidden, lm_head, logit_transform, token_logps
+from fastpref.train.online.common import OnlineAlgorithm, OnlineConfig, OnlineMicroBatch, metrics_float, zero_loss
+from fastpref.train.rollout import Rollout, pack_rollout, timed
 
 
 @dataclass
@@ -155,17 +154,33 @@ class RefillStream:
         self.pos, self.seen = state["pos"], set(state["seen"])
 
 
+@dataclass
+class GRPOMicroBatch(OnlineMicroBatch):
+    """A GRPO training micro-batch: whole groups of a rollout, packed, with what the loss needs besides the
+    policy's own forward."""
+
+    advantages: torch.Tensor | None = None
+    """``[S]`` group-relative advantage of each completion."""
+    old: torch.Tensor | None = None
+    """``[N]`` per-token log-probs of the sampling policy (``num_iterations > 1``; else None: on-policy)."""
+    ref: torch.Tensor | None = None
+    """``[N]`` per-token reference log-probs (``beta > 0``; else None)."""
+    num_items: float | None = None
+    """The loss normaliser of the whole step (DAPO's token count / micro-batches)."""
+
+
 @register_algorithm("grpo")
 class GRPO(OnlineAlgorithm):
     """Group-relative policy optimisation with every TRL loss type (see the module docstring)."""
 
     config_class = GRPOConfig
+    micro_batch_type = GRPOMicroBatch
 
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
         self._pool: list[dict] = []  # prompts seen (refill candidates once the stream is used up)
         sec = self.sec
-        train = rt.extras.get("train_examples")
+        train = rt.train_examples
         self._stream = RefillStream(train, cfg.train.seed, *_rank_world()) if sec.dynamic_sampling and train else None
         if sec.beta > 0 and getattr(rt.reference, "mode", "none") not in ("copy", "lora_base"):
             raise ValueError(f"grpo.beta={sec.beta} needs a reference: set reference.mode=copy (or lora_base with "
@@ -223,7 +238,7 @@ class GRPO(OnlineAlgorithm):
         if ro is None:  # every group had zero reward variance: nothing to learn from this step
             self.step_metrics.update(metrics_float({**stats, "skipped": 1.0}))
             self.no_signal("every group had the same reward for all its completions, also after refills")
-            return [micro_batch(None)]
+            return [GRPOMicroBatch(None)]
         lengths = ro.lengths()
         if sec.overlong_cache_length is not None:
             rewards = rewards + sec.overlong_coef * overlong_penalty(lengths, gen.max_new_tokens,
@@ -250,29 +265,28 @@ class GRPO(OnlineAlgorithm):
             with timed(self._timings, "pack"):
                 batch = pack_rollout(part, self.device)
             # dapo: normalise by the token count of the whole step (the trainer divides by len(micro))
-            mb = micro_batch(batch, advantages=adv[idx].to(self.device), old=None, ref=None,
-                             num_items=total_tokens / n_micro)
+            mb = GRPOMicroBatch(batch, advantages=adv[idx].to(self.device), num_items=total_tokens / n_micro)
             with timed(self._timings, "old_ref_logps"), torch.no_grad():
                 if sec.num_iterations > 1:
-                    mb["old"] = token_logps(self.rt.model, batch, temperature=gen.temperature, pad_id=self.pad_id)
+                    mb.old = token_logps(self.rt.model, batch, temperature=gen.temperature)
                 if sec.beta > 0:
                     with self.reference() as ref_model:
-                        mb["ref"] = token_logps(ref_model, batch, temperature=gen.temperature, pad_id=self.pad_id)
+                        mb.ref = token_logps(ref_model, batch, temperature=gen.temperature)
             out.append(mb)
         return out
 
-    def micro_batches(self, examples: list[dict], step: int) -> list[dict]:
+    def micro_batches(self, examples: list[dict], step: int) -> list[GRPOMicroBatch]:
         self._remember(examples)
         return self.reuse_rollout(examples, self.sec.num_iterations, self._new_rollout)
 
-    def compute_loss(self, batch: dict):
-        if batch["packed"] is None:
+    def compute_loss(self, mb: GRPOMicroBatch):
+        if mb.batch is None:
             return zero_loss(self.rt.model), {}
-        packed = batch["packed"]
+        packed = mb.batch
         w, b = lm_head(self.rt.model)
-        return self.loss_fn(policy_hidden(self.rt.model, packed, self.pad_id), w, packed.targets, batch["advantages"],
-                            cu_seqlens=packed.cu_seqlens_cpu, old_logps=batch["old"], ref_logps=batch["ref"], bias=b,
-                            num_items_in_batch=batch["num_items"], need_entropy=True)
+        return self.loss_fn(decoder_hidden(self.rt.model, packed), w, packed.targets, mb.advantages,
+                            cu_seqlens=packed.cu_seqlens_host, old_logps=mb.old, ref_logps=mb.ref, bias=b,
+                            num_items_in_batch=mb.num_items, need_entropy=True)
 
     def state_dict(self) -> dict:
         sd = super().state_dict()

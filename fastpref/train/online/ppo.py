@@ -21,11 +21,12 @@ The critic (``critic``):
   file loaded as ``AutoModelForSequenceClassification(num_labels=1)`` (the ``score`` head of an ``algorithm=rm``
   output is kept, as TRL initialises the value model from the reward model; a causal LM gets a fresh zero head),
   or, when empty, a copy of the initial policy's trunk (LoRA merged in) with a fresh zero head. It lives on the
-  policy's device in the policy's dtype and trains all its weights with its own AdamW (``critic_lr``; the
-  ``optim`` betas, eps, weight decay, ``max_grad_norm``, and the run's learning-rate schedule step for step),
-  stepped in ``on_step_end`` right after the policy's step; the value loss never reaches the policy. Its weights
-  and optimizer are in the algorithm's checkpointed state; ``final/critic/`` holds the trained trunk
-  (``save_pretrained``) and ``value_head.safetensors``.
+  policy's device in the policy's dtype and trains all its weights with its own AdamW from
+  ``Runtime.build_optimizer`` (``critic_lr``; the ``optim`` betas, eps, weight decay, ``max_grad_norm``, the
+  run's learning-rate schedule step for step, gradients averaged over ranks), stepped in ``on_step_end`` right
+  after the policy's step; the value loss never reaches the policy. The trainer checkpoints its weights and
+  optimizer with the run; ``final/critic/`` holds the trained trunk (``save_pretrained``) and
+  ``value_head.safetensors``.
 
 The implementation details of Huang et al. (and TRL / OpenRLHF): ``num_mini_batches`` shuffled mini-batches per
 PPO epoch (TRL), the adaptive KL controller (``kl_target``, ``kl_horizon``; Ziegler et al. 2019), reward
@@ -45,16 +46,15 @@ from dataclasses import dataclass
 
 import torch
 
+from fastpref.data.batch import Batch
 from fastpref.losses.advantages import AdaptiveKLController, fit_reward_normalizer, gae, kl_penalty_rewards, whiten
 from fastpref.losses.policy import policy_loss, value_loss
-from fastpref.ops import linear_logprobs
 from fastpref.rewards import RewardModelScorer
 from fastpref.train.algorithms.base import register_algorithm
-from fastpref.train.distributed import all_reduce_mean, average_grads
-from fastpref.train.modeling import base_model, disable_dropout, lm_head, logit_transform
-from fastpref.train.online.common import OnlineAlgorithm, OnlineConfig, metrics_float, micro_batch, token_logps
-from fastpref.train.rollout import PackedBatch, Rollout, pack_rollout, policy_hidden, timed
-from fastpref.train.schedule import lr_lambda
+from fastpref.train.distributed import all_reduce_mean
+from fastpref.train.modeling import base_model, decoder_hidden, disable_dropout, lm_head, token_logps
+from fastpref.train.online.common import OnlineAlgorithm, OnlineConfig, OnlineMicroBatch, metrics_float
+from fastpref.train.rollout import Rollout, pack_rollout, timed
 
 CRITICS = ("shared", "separate")
 log = logging.getLogger("fastpref.train")
@@ -166,26 +166,26 @@ def _split(items: list[int], n: int) -> list[list[int]]:
     return out
 
 
-def to_padded(values: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+def to_padded(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Completion-token values of a packed ``[N]`` tensor as right-padded ``[S, T_max]`` (0 elsewhere)."""
     pos = (batch.targets != -100).nonzero(as_tuple=True)[0]
-    lens = batch.completion_lengths
+    lens = batch.scored_lengths
     starts = torch.cumsum(lens, 0) - lens
-    rows = batch.seq_ids[pos]
+    rows = batch.token_seq_ids()[pos]
     cols = torch.arange(pos.numel(), device=pos.device) - torch.repeat_interleave(starts, lens)
     out = values.new_zeros(lens.numel(), max(int(lens.max()), 1))
     out[rows, cols] = values[pos]
     return out
 
 
-def from_padded(padded: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+def from_padded(padded: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Inverse of ``to_padded``: ``[S, T_max]`` back to packed ``[N]`` (0 off the completion tokens)."""
     pos = (batch.targets != -100).nonzero(as_tuple=True)[0]
-    lens = batch.completion_lengths
+    lens = batch.scored_lengths
     starts = torch.cumsum(lens, 0) - lens
     cols = torch.arange(pos.numel(), device=pos.device) - torch.repeat_interleave(starts, lens)
     out = padded.new_zeros(batch.targets.numel())
-    out[pos] = padded[batch.seq_ids[pos], cols]
+    out[pos] = padded[batch.token_seq_ids()[pos], cols]
     return out
 
 
@@ -201,14 +201,15 @@ def zero_value_head(hidden_size: int, like: torch.Tensor) -> torch.nn.Linear:
 class Critic(torch.nn.Module):
     """A value model: a decoder ``trunk`` (e.g. ``LlamaModel``) and a linear ``head`` ``H -> 1``. Calling it on a
     packed batch gives the per-token values ``[N]`` (fp32), from the trunk's last hidden states
-    (``policy_hidden``: packed varlen attention when the trunk was loaded for packing, else right-padded)."""
+    (``fastpref.train.modeling.decoder_hidden``: packed varlen attention when the trunk was loaded for packing,
+    else right-padded)."""
 
     def __init__(self, trunk: torch.nn.Module, head: torch.nn.Linear, pad_id: int):
         super().__init__()
         self.trunk, self.head, self.pad_id = trunk, head, pad_id
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        return self.head(policy_hidden(self.trunk, batch, self.pad_id)).squeeze(-1).float()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.head(decoder_hidden(self.trunk, batch)).squeeze(-1).float()
 
 
 def _load_critic(path: str, policy: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
@@ -265,11 +266,27 @@ def build_critic(path: str | None, policy: torch.nn.Module, *, pad_id: int, grad
     return critic.train()
 
 
+@dataclass
+class PPOMicroBatch(OnlineMicroBatch):
+    """A PPO training micro-batch: packed completions of the buffered rollout with their rollout-time values
+    (all ``[N]``, packed like the batch's tokens, 0 off the completion)."""
+
+    old: torch.Tensor | None = None
+    """Per-token log-probs of the sampling policy."""
+    values: torch.Tensor | None = None
+    """Per-token values at rollout time (for the clipped value loss)."""
+    advantages: torch.Tensor | None = None
+    """Per-token GAE advantages, whitened over the rollout."""
+    returns: torch.Tensor | None = None
+    """Per-token returns (advantages + values)."""
+
+
 @register_algorithm("ppo")
 class PPO(OnlineAlgorithm):
     """PPO with a shared value head or a separate critic (see the module docstring)."""
 
     config_class = PPOConfig
+    micro_batch_type = PPOMicroBatch
     needs_reference = True
 
     @classmethod
@@ -289,12 +306,9 @@ class PPO(OnlineAlgorithm):
         sec, model = self.sec, rt.model
         self.value_head = self.critic = None
         if sec.critic == "separate":
-            o = cfg.optim
             self.critic = build_critic(sec.critic_path, model, pad_id=self.pad_id,
                                        gradient_checkpointing=cfg.model.gradient_checkpointing)
-            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=sec.critic_lr or o.lr,
-                                                betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-            self._critic_lr = lr_lambda(cfg, rt.total_steps or cfg.train.max_steps)  # the policy's schedule, step for step
+            self.critic_opt = rt.build_optimizer(self.critic, sec.critic_lr or cfg.optim.lr, name="critic")
         else:
             if not hasattr(model, "value_head"):
                 w, _ = lm_head(model)
@@ -320,24 +334,24 @@ class PPO(OnlineAlgorithm):
         """The KL penalty's current coefficient: the adaptive controller's value, else ``ppo.kl_coef``."""
         return self.kl_ctl.value if self.kl_ctl is not None else self.sec.kl_coef
 
-    def _forward(self, batch: PackedBatch, *, entropy: bool):
-        """``(logp [N], entropy [N] or None, values [N])``: the policy's trunk pass (and the value head on its
-        hidden states), or the separate critic's own pass."""
-        h = policy_hidden(self.rt.model, batch, self.pad_id)
-        w, b = lm_head(self.rt.model)
-        out = linear_logprobs(h, w, batch.targets, bias=b, temperature=self.sec.generation.temperature,
-                              return_entropy=entropy, check_targets=False, **logit_transform(self.rt.model).kwargs())
+    def _forward(self, batch: Batch, *, entropy: bool):
+        """``(logp [N], entropy [N] or None, values [N])``: the policy's trunk pass through the one log-prob path
+        (``fastpref.train.modeling.token_logps`` on its hidden states), the value head on the same hidden states,
+        or the separate critic's own pass."""
+        h = decoder_hidden(self.rt.model, batch)
+        out = token_logps(self.rt.model, batch, temperature=self.sec.generation.temperature, entropy=entropy,
+                          hidden=h)
         logp, ent = out if entropy else (out, None)
         values = self.critic(batch) if self.critic is not None else self.value_head(h).squeeze(-1).float()
         return logp, ent, values
 
     def _fit_reward_norm(self, ro: Rollout, scores: torch.Tensor, examples: list[dict]) -> None:
         """Fit ``(gain, bias)`` on at least ``normalize_samples`` scores of the initial policy: this first
-        rollout's, then more samples on prompts of the training split (``rt.extras["train_examples"]`` in a seeded
+        rollout's, then more samples on prompts of the training split (``rt.train_examples`` in a seeded
         order; the step's own prompts when the trainer hands none). Under torchrun the moments are averaged over
         ranks, so every rank applies the same normaliser."""
         need = self.sec.normalize_samples
-        pool = self.rt.extras.get("train_examples") or examples
+        pool = self.rt.train_examples or examples
         order = list(range(len(pool)))
         random.Random(self.cfg.train.seed + 1).shuffle(order)
         all_scores, pos = [scores], 0
@@ -381,11 +395,11 @@ class PPO(OnlineAlgorithm):
             with timed(self._timings, "pack"):
                 batch = pack_rollout(part, self.device)
             batches.append(batch)
-            mask = batch.mask
+            mask = batch.scored_mask
             with timed(self._timings, "old_ref_values"), torch.no_grad():
                 old, _, values = self._forward(batch, entropy=False)
                 with self.reference() as ref_model:
-                    ref = token_logps(ref_model, batch, temperature=gen.temperature, pad_id=self.pad_id)
+                    ref = token_logps(ref_model, batch, temperature=gen.temperature)
                 m_pad = to_padded(mask, batch)
                 rew = kl_penalty_rewards(scores[idx].to(self.device), to_padded(old, batch), to_padded(ref, batch),
                                          m_pad, kl_coef=kl_coef, kl_estimator=sec.kl_estimator)
@@ -423,11 +437,11 @@ class PPO(OnlineAlgorithm):
             "completions/clipped_ratio": torch.tensor(sum(ro.truncated) / len(ro))}))
         self.step_metrics["objective/kl_coef"] = kl_coef
 
-        def make(idx: list[int], batch: PackedBatch | None = None) -> dict:
+        def make(idx: list[int], batch: Batch | None = None) -> PPOMicroBatch:
             if batch is None:
                 with timed(self._timings, "pack"):
                     batch = pack_rollout(ro.select(idx), self.device)
-            return micro_batch(batch, **{name: from_padded(full[k][idx], batch) for name, k in (
+            return PPOMicroBatch(batch, **{name: from_padded(full[k][idx], batch) for name, k in (
                 ("old", "old"), ("values", "values"), ("advantages", "adv"), ("returns", "ret"))})
 
         E, M = sec.num_ppo_epochs, sec.num_mini_batches
@@ -446,53 +460,38 @@ class PPO(OnlineAlgorithm):
                 plan.append(step)
         return mbs, plan
 
-    def micro_batches(self, examples: list[dict], step: int) -> list[dict]:
+    def micro_batches(self, examples: list[dict], step: int) -> list[PPOMicroBatch]:
         if self._uses_left == 0:
             self._buffer, self._plan = self._new_rollout(examples)
             self._uses_left = len(self._plan)
         step_mbs = [self._buffer[i] for i in self._plan[len(self._plan) - self._uses_left]]
         self._uses_left -= 1
-        self.begin_train_phase(sum(mb["packed"].input_ids.numel() for mb in step_mbs))
+        self.begin_train_phase(sum(mb.num_tokens for mb in step_mbs))
         return step_mbs
 
     def compute_loss(self, batch: dict):
-        sec, packed = self.sec, batch["packed"]
-        mask = packed.mask
+        sec, packed = self.sec, batch.batch
+        mask = packed.scored_mask
         logp, ent, values = self._forward(packed, entropy=True)
-        pl, m = policy_loss(logp, batch["old"], batch["advantages"], mask, loss_type="ppo", eps_low=sec.cliprange,
+        pl, m = policy_loss(logp, batch.old, batch.advantages, mask, loss_type="ppo", eps_low=sec.cliprange,
                             entropy=ent, entropy_coef=sec.entropy_coef, delta=sec.dual_clip,
                             cu_seqlens=packed.cu_seqlens)
-        vl, vm = value_loss(values, batch["values"], batch["returns"], mask, clip=sec.cliprange_value)
+        vl, vm = value_loss(values, batch.values, batch.returns, mask, clip=sec.cliprange_value)
         return pl + sec.vf_coef * vl, {**m, **vm, "loss/policy": pl.detach(), "loss/value": vl.detach()}
 
     def on_step_end(self, step: int) -> None:
-        if self.critic is not None:  # timed as part of the train stage
-            self._critic_step(step)
+        if self.critic is not None:  # the separate critic's step on the gradients of the step's micro-batches,
+            # at the learning rate the run's schedule gives this step (timed as part of the train stage)
+            self.step_metrics.update(self.critic_opt.update())
         super().on_step_end(step)
-
-    def _critic_step(self, step: int) -> None:
-        """The separate critic's optimizer step on the gradients the step's micro-batches accumulated, at the
-        learning rate the run's schedule gives trainer step ``step`` (``critic_lr`` or ``optim.lr`` times it)."""
-        params = list(self.critic.parameters())
-        average_grads(params)
-        max_norm = self.cfg.optim.max_grad_norm
-        if max_norm is not None:
-            self.step_metrics["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        lr = (self.sec.critic_lr or self.cfg.optim.lr) * self._critic_lr(step - 1)
-        for group in self.critic_opt.param_groups:
-            group["lr"] = lr
-        self.step_metrics["critic/lr"] = lr
-        self.critic_opt.step()
-        self.critic_opt.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["plan"] = self._plan
         sd["kl_coef"] = self.kl_coef
         sd["reward_norm"] = list(self.reward_norm) if self.reward_norm is not None else None
-        if self.critic is not None:
-            sd["critic"] = {"model": self.critic.state_dict(), "optimizer": self.critic_opt.state_dict()}
-        else:
+        sd["critic_kind"] = self.sec.critic  # a separate critic's weights and optimizer: the trainer's extra state
+        if self.critic is None:
             sd["value_head"] = self.value_head.state_dict()
         return sd
 
@@ -518,11 +517,8 @@ class PPO(OnlineAlgorithm):
         if self.kl_ctl is not None:
             self.kl_ctl.value = float(state["kl_coef"])
         self.reward_norm = tuple(state["reward_norm"]) if state.get("reward_norm") is not None else None
-        if (self.critic is not None) != ("critic" in state):
+        if state.get("critic_kind", "shared") != self.sec.critic:
             raise ValueError(f"resume: the checkpoint was written with another ppo.critic than this run's "
                              f"{self.sec.critic!r}")
-        if self.critic is not None:
-            self.critic.load_state_dict(state["critic"]["model"])
-            self.critic_opt.load_state_dict(state["critic"]["optimizer"])
-        elif "value_head" in state:  # (checkpoints written before the head was saved here hold it in model.pt)
+        if self.critic is None and "value_head" in state:  # (older checkpoints hold the head in model.pt)
             self.value_head.load_state_dict(state["value_head"])

@@ -14,21 +14,41 @@ with DPO against the reference M_t.
 EFT (the paper's evaluation fine-tuning data, judge prompt -> judgement with a score line): with ``eft_files``
 (SFT rows, prompt + completion), iteration 0 is the paper's M_0 -> M_1 supervised step on them (the NLL of the
 judgements) and the self-rewarding iterations start at iteration 1 (the IFT part of the paper's M_1 data is
-assumed done: the policy given is instruction-tuned). Deviations: docs/online.md.
+assumed done: the policy given is instruction-tuned).
+
+Self-instruction creation (the paper's Sec. 2.2, ``generate_prompts: true``): each self-rewarding iteration, M_t
+(frozen, as for the responses) first writes the iteration's prompts itself. For each of the ``iteration_prompts``
+seed prompts drawn from the training split (the seed IFT prompts), ``prompt_shots`` (the paper: 8) prompts of that
+draw are sampled (seeded) and rendered into ``prompt_template`` (default ``DEFAULT_PROMPT_TEMPLATE``: Self-Instruct's
+instruction-generation prompt, Wang et al. 2023, arXiv:2212.10560, yizhongw/self-instruct
+``bootstrap_instructions.encode_prompt``: ``Come up with a series of tasks:``, the shots as ``1. ...`` to ``8. ...``,
+then ``9.``); M_t continues it once (``prompt_max_new_tokens``, the ``generation`` sampling settings) and the text up
+to the first newline is the new prompt. Dropped, and counted in ``prompts/empty``, ``prompts/too_long`` (the item
+did not end within ``prompt_max_new_tokens``, or it exceeds ``data.max_prompt_length``) and ``prompts/duplicate``
+(the same text, whitespace collapsed, as an earlier prompt of the iteration); the survivors (``prompts/kept``,
+tokenised as the trainer tokenises prompt rows) are the prompts M_t then answers and judges. None surviving is a
+warning and the one-line can't-learn error. Deviations: docs/online.md.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import re
 from dataclasses import dataclass, field
 
-import torch
-
-from fastpref.ops import segment_sum
 from fastpref.train.algorithms.base import register_algorithm
-from fastpref.train.online.common import (Pair, PairDPOAlgorithm, PairDPOConfig, micro_batch, parse_judge_score,
-                                          rollout_pairs, score_signal, token_logps)
+from fastpref.train.modeling import sequence_logps
+from fastpref.train.online.common import (OnlineMicroBatch, Pair, PairDPOAlgorithm, PairDPOConfig, parse_judge_score,
+                                          rollout_pairs, score_signal)
 from fastpref.train.rollout import GenerationConfig, Rollout, encode, generate, pack, timed
+
+log = logging.getLogger("fastpref.train")
+
+# Self-Instruct's instruction-generation prompt (Wang et al. 2023, arXiv:2212.10560; yizhongw/self-instruct,
+# self_instruct/bootstrap_instructions.py, encode_prompt): {examples} are the shots as "1. <prompt>" lines, {next}
+# the number of the item M_t writes.
+DEFAULT_PROMPT_TEMPLATE = "Come up with a series of tasks:\n{examples}\n{next}."
 
 # Yuan et al. 2024, Figure 2 (the LLM-as-a-Judge prompt), with {prompt} / {response} for <INSTRUCTION_HERE> /
 # <RESPONSE_HERE>.
@@ -75,18 +95,78 @@ class SelfRewardingConfig(PairDPOConfig):
     """Judgements per response, averaged over the parseable ones (the paper: 3)."""
     max_score: float = 5.0
     """Top of the rubric's scale; parsed scores outside ``[0, max_score]`` are discarded."""
+    judge_top_p: float = 0.9
+    """Nucleus mass of the judge's sampling (the paper samples its judgements with the responses' T = 0.7, p = 0.9;
+    lucidrains/self-rewarding-lm-pytorch ``eval_nucleus_p = 0.9``)."""
     eft_files: list[str] = field(default_factory=list)
     """EFT data (SFT rows: judge prompt -> judgement ending in ``Score: N``); iteration 0 trains on them."""
+    generate_prompts: bool = False
+    """Self-instruction creation (the paper's Sec. 2.2): M_t writes each iteration's prompts by few-shot prompting
+    with seed prompts of the training split, instead of answering those seed prompts (see the module docstring)."""
+    prompt_shots: int = 8
+    """Seed prompts shown per generated prompt (the paper: 8-shot)."""
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    """Few-shot prompt with ``{examples}`` (the shots as ``1. <prompt>`` lines) and ``{next}`` (the number of the
+    item to write); default: Self-Instruct's."""
+    prompt_max_new_tokens: int = 64
+    """Longest generated prompt, in tokens; an item that has not ended (newline or EOS) by then is too long."""
 
     def validate(self) -> None:
         super().validate()
         if "{prompt}" not in self.judge_template or "{response}" not in self.judge_template:
             raise ValueError("self_rewarding.judge_template must contain {prompt} and {response}")
+        if "{examples}" not in self.prompt_template or "{next}" not in self.prompt_template:
+            raise ValueError("self_rewarding.prompt_template must contain {examples} and {next}")
+        if not (isinstance(self.prompt_shots, int) and self.prompt_shots >= 1):
+            raise ValueError(f"self_rewarding.prompt_shots must be an int >= 1, got {self.prompt_shots!r}")
         self.judge_generation().validate()
+        self.prompt_generation().validate()
 
     def judge_generation(self) -> GenerationConfig:
         return GenerationConfig(num_generations=self.judge_samples, max_new_tokens=self.judge_max_new_tokens,
-                                temperature=self.judge_temperature, backend=self.generation.backend)
+                                temperature=self.judge_temperature, top_p=self.judge_top_p,
+                                backend=self.generation.backend)
+
+    def prompt_generation(self) -> GenerationConfig:
+        """Sampling of the prompt writer: one item per few-shot prompt, the ``generation`` section's settings."""
+        g = self.generation
+        return GenerationConfig(num_generations=1, max_new_tokens=self.prompt_max_new_tokens,
+                                temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, backend=g.backend)
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every run of whitespace made one space, stripped (as Self-Instruct normalises its shots)."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _prompt_text(row_prompt) -> str:
+    """A seed row's prompt as text: the string, or the content of its last user turn (a conversational row)."""
+    if isinstance(row_prompt, str):
+        return row_prompt
+    users = [m.get("content", "") for m in row_prompt if isinstance(m, dict) and m.get("role") == "user"]
+    return users[-1] if users and isinstance(users[-1], str) else ""
+
+
+def fewshot_prompt(template: str, shots: list[str]) -> str:
+    """The few-shot prompt-writing prompt: ``template`` with the shots as numbered lines and the next number."""
+    lines = "\n".join(f"{i}. {_one_line(s)}" for i, s in enumerate(shots, start=1))
+    return template.format(examples=lines, next=len(shots) + 1)
+
+
+def parse_generated_prompt(text: str, truncated: bool) -> tuple[str | None, str | None]:
+    """``(prompt, None)`` for M_t's continuation of a few-shot prompt (the text up to the first newline,
+    whitespace collapsed), or ``(None, why)``: ``"empty"``, or ``"too_long"`` when the item did not end (no
+    newline before the generation was cut at its token budget)."""
+    head, newline, _ = text.partition("\n")
+    if truncated and not newline:
+        return None, "too_long"
+    head = _one_line(head)
+    return (head, None) if head else (None, "empty")
+
+
+@dataclass
+class EFTMicroBatch(OnlineMicroBatch):
+    """Iteration 0's supervised micro-batch: the EFT judgements (prompt + judgement, packed), trained with NLL."""
 
 
 @register_algorithm("self_rewarding")
@@ -98,14 +178,14 @@ class SelfRewarding(PairDPOAlgorithm):
 
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
+        from fastpref.data.dataset import Tokenization, load_examples
+
+        d = cfg.data
+        self.tokenization = Tokenization(rt.tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                                         truncation=d.truncation, chat_template=d.chat_template)
         self.eft: list[dict] = []
         if self.sec.eft_files:
-            from fastpref.data.dataset import Tokenization, load_examples
-
-            d = cfg.data
-            tok = Tokenization(rt.tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                               truncation=d.truncation, chat_template=d.chat_template)
-            self.eft = load_examples(list(self.sec.eft_files), "sft", tok, on_bad_row=d.on_bad_row)
+            self.eft = load_examples(list(self.sec.eft_files), "sft", self.tokenization, on_bad_row=d.on_bad_row)
             if not self.eft:
                 raise ValueError(f"self_rewarding.eft_files={self.sec.eft_files}: no rows")
             random.Random(cfg.train.seed).shuffle(self.eft)  # files mixed (e.g. IFT + EFT rows) over the steps
@@ -139,9 +219,61 @@ class SelfRewarding(PairDPOAlgorithm):
         self.step_metrics["judge/judgements"] = float(n * len(texts))
         return out
 
+    def write_prompts(self, seeds: list[dict]) -> list[dict]:
+        """Self-instruction creation: one new prompt per seed prompt's slot, written by the model as it is now
+        (M_t) from ``prompt_shots`` seed prompts (a seeded draw from ``seeds``) in ``prompt_template``; the
+        survivors (not empty, not too long, not a duplicate) as prompt examples (``prompt_ids``, ``row``), counted
+        in ``prompts/*`` metrics."""
+        from fastpref.data.dataset import BadRow
+
+        sec, tok = self.sec, self.rt.tokenizer
+        texts = [t for t in (_prompt_text(ex.get("row", {}).get("prompt")) for ex in seeds) if t.strip()]
+        if not texts:
+            raise ValueError("self_rewarding.generate_prompts: the training split has no text prompts to show M_t")
+        chat = all(isinstance(ex.get("row", {}).get("prompt"), list) for ex in seeds)
+        asks = [fewshot_prompt(sec.prompt_template, self.rng.sample(texts, min(sec.prompt_shots, len(texts))))
+                for _ in seeds]
+        counts = {"empty": 0, "too_long": 0, "duplicate": 0}
+        seen, out = set(), []
+        with timed(self._timings, "prompt_generation"):
+            for chunk in self.chunks(asks):
+                ro = generate(self.rt.model, tok, [encode(tok, a) for a in chunk], sec.prompt_generation(),
+                              prompts=chunk)
+                for text, cut in zip(ro.completions, ro.truncated):
+                    new, why = parse_generated_prompt(text, cut)
+                    if new is not None and new in seen:
+                        why = "duplicate"
+                    if why is None:
+                        row = {"prompt": [{"role": "user", "content": new}] if chat else new}
+                        try:
+                            ids = self.tokenization.example(row)["prompt_ids"]
+                        except BadRow:
+                            why = "too_long"
+                    if why is not None:
+                        counts[why] += 1
+                        continue
+                    seen.add(new)
+                    out.append({"prompt_ids": ids, "row": row, "source": f"generated:{self.round}:{len(out)}"})
+        self.step_metrics.update({"prompts/attempts": float(len(asks)), "prompts/kept": float(len(out)),
+                                  "prompts/in_seed_data": float(len(seen & {_one_line(t) for t in texts})),
+                                  **{f"prompts/{k}": float(v) for k, v in counts.items()}})
+        if not out:
+            log.warning("%s: iteration %d: none of the %d prompts M_t wrote survived (empty %d, too long %d, "
+                        "duplicate %d): nothing to answer this iteration", self.name, self.round, len(asks),
+                        counts["empty"], counts["too_long"], counts["duplicate"])
+        return out
+
     def build_iteration(self, prompts: list[dict]) -> list[Pair]:
         if self.eft and self.round == 0:
             return []  # iteration 0 is the supervised step on the EFT data (micro_batches)
+        dropped = None
+        if self.sec.generate_prompts:
+            n = len(prompts)
+            prompts = self.write_prompts(prompts)
+            dropped = {"generated prompts dropped": (n - len(prompts), n)}
+            if not prompts:
+                self.report_signal(dropped)
+                return []
         ro = Rollout.concat([self.rollout(chunk) for chunk in self.chunks(prompts)])
         scores = self.judge(ro.prompts, ro.completions)
         valid = [s for s in scores if s is not None]
@@ -153,11 +285,11 @@ class SelfRewarding(PairDPOAlgorithm):
         counts.pop("unscored samples", None)
         if bad:
             counts["unparseable judgements"] = (bad, total)
-        self.report_signal(counts)
+        self.report_signal({**(dropped or {}), **counts})
         return rollout_pairs(ro, scores)
 
     # ---- EFT: iteration 0 trains the NLL of the judgements
-    def micro_batches(self, examples: list[dict], step: int) -> list[dict]:
+    def micro_batches(self, examples: list[dict], step: int) -> list[OnlineMicroBatch]:
         if not (self.eft and self.round == 0):
             return super().micro_batches(examples, step)
         self._step = step
@@ -169,12 +301,12 @@ class SelfRewarding(PairDPOAlgorithm):
             batch = pack([e["prompt_ids"] for e in exs], [e["completion_ids"] for e in exs], self.device)
         self.step_metrics["eft/examples"] = float(len(exs))
         self.begin_train_phase(batch.input_ids.numel())
-        return [micro_batch(batch, eft=True)]
+        return [EFTMicroBatch(batch)]
 
-    def compute_loss(self, batch: dict):
-        if not batch.get("eft"):
-            return super().compute_loss(batch)
-        packed = batch["packed"]
-        nll = -segment_sum(token_logps(self.rt.model, packed, pad_id=self.pad_id), packed.cu_seqlens)
-        loss = nll.sum() / packed.completion_lengths.sum().clamp(min=1)
+    def compute_loss(self, mb: OnlineMicroBatch):
+        if not isinstance(mb, EFTMicroBatch):
+            return super().compute_loss(mb)
+        packed = mb.batch
+        nll = -sequence_logps(self.rt.model, packed)
+        loss = nll.sum() / packed.scored_lengths.sum().clamp(min=1)
         return loss, {"eft/nll": loss.detach()}

@@ -7,10 +7,11 @@ SFT rows; each pair is the gold response (chosen, "real") against the opponent's
 "generated"); the new model is trained with the SPIN loss against the reference = the opponent, and becomes the
 next opponent. The loss is the DPO form of ``fastpref.losses.preference.spin_loss`` (computed fused by
 ``FusedLinearDPOLoss``; ``loss_type`` sigmoid = the paper's logistic loss, hinge its other choice). Data mixing
-as in the paper's experiments: from iteration 1 on, the iteration's pairs are joined by the previous
-iteration's pairs (``mix_previous``: the synthetic data of iterations t and t-1; uclaml/SPIN's scripts were not
-read for this module). Pairs whose generation equals the gold response carry no gradient and
-are dropped (counted in ``spin/identical``).
+as in the paper's experiments and uclaml/SPIN's configs (configs/config_iter1.yaml mixes SPIN_iter0 + SPIN_iter1,
+config_iter2.yaml SPIN_iter1 + SPIN_iter2, config_iter3.yaml SPIN_iter2 + SPIN_iter3): from iteration 1 on, the
+iteration's pairs are joined by the previous iteration's pairs (``mix_previous``); one generation per prompt, as
+spin/generate.py. Pairs whose generation equals the gold response carry no gradient and are dropped (counted in
+``spin/identical``). Deviations from uclaml/SPIN (its sampling, epochs and per-iteration schedule): docs/online.md.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class SPINConfig(PairDPOConfig):
     reward: str | None = None
     """Only for the held-out reward metric (e.g. ``arith``); SPIN itself needs no reward."""
     mix_previous: bool = True
-    """Iteration t >= 1 also trains on iteration t-1's pairs (the paper / uclaml/SPIN); false: only its own."""
+    """Iteration t >= 1 also trains on iteration t-1's pairs (the paper; uclaml/SPIN configs/config_iter*.yaml);
+    false: only its own."""
 
 
 @register_algorithm("spin")
