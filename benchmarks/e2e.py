@@ -180,9 +180,15 @@ def _pack(x: dict, kind: str) -> dict:
 
 
 def _hidden(model, x):
+    """Decoder hidden states of the padded rows ``x`` through the trainer's path (one ``fastpref.data.batch.Batch``)."""
+    from fastpref.data.batch import Batch
     from fastpref.train.modeling import decoder_hidden
 
-    return decoder_hidden(model, x)
+    ids, mask = x["input_ids"], x["attention_mask"]
+    b = Batch(input_ids=ids, targets=x["targets"], position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+              seq_index=torch.arange(ids.shape[0], device=ids.device),
+              scored_lengths=(x["targets"] != -100).sum(-1), attention_mask=mask)
+    return decoder_hidden(model, b)
 
 
 def _params(p):

@@ -82,7 +82,7 @@ def _plant(path, marker):
 
 def test_state_round_trip_is_exact_and_refuses_foreign_objects(tmp_path):
     from fastpref.train.online.common import Pair
-    from fastpref.train.rollout import PackedBatch
+    from fastpref.train.rollout import Rollout
 
     random.seed(3)
     np.random.seed(5)
@@ -95,9 +95,7 @@ def test_state_round_trip_is_exact_and_refuses_foreign_objects(tmp_path):
         "bf16": torch.randn(5, dtype=torch.bfloat16), "empty": torch.zeros(0, 3), "view": w.t()[1:],
         "seen": {3, 1}, "dtype": torch.float16, "size": torch.Size([2, 3]),
         "pairs": [Pair([1], [2, 3], [4])],
-        "packed": PackedBatch(torch.arange(3), torch.arange(3), torch.tensor([-100, 1, 2]),
-                              torch.tensor([0, 3], dtype=torch.int32), [0, 3], torch.zeros(3, dtype=torch.int64),
-                              torch.tensor([2])),
+        "packed": Rollout(["p"], [[1, 2]], [[3, 4]], ["c"], [False], 1, {"generate": 0.5}),
     }
     ckpt.save_state(str(tmp_path), "s", state)
     back = ckpt.load_state(str(tmp_path), "s")
@@ -115,7 +113,7 @@ def test_state_round_trip_is_exact_and_refuses_foreign_objects(tmp_path):
     assert back["empty"].shape == (0, 3) and torch.equal(back["view"], w.t()[1:])
     assert back["seen"] == {1, 3} and back["dtype"] is torch.float16 and back["size"] == torch.Size([2, 3])
     assert back["pairs"] == [Pair([1], [2, 3], [4])]
-    assert torch.equal(back["packed"].targets, state["packed"].targets) and back["packed"].cu_seqlens_cpu == [0, 3]
+    assert back["packed"].completion_ids == [[3, 4]] and back["packed"].timings == {"generate": 0.5}
     with pytest.raises(TypeError, match=r"cannot store odd: objects of type .*_Payload"):
         ckpt.flatten({"odd": _Payload(tmp_path / "x")})
     # a crafted skeleton cannot name a class of its choosing

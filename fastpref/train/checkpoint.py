@@ -79,7 +79,6 @@ class CheckpointError(ConfigError):
 _TAG = "$"
 _OBJECT_TYPES = {
     # the only classes a state may hold besides builtins, tensors and numpy arrays: dataclasses, stored by field
-    "fastpref.train.rollout.PackedBatch",
     "fastpref.train.rollout.Rollout",
     "fastpref.train.online.common.Pair",
 }
