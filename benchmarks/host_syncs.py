@@ -1,4 +1,5 @@
-"""Host syncs per training micro-batch of the trainer: DPO (padded and packed) and GRPO (packed), tiny model, CPU.
+"""Host syncs per training micro-batch of the trainer: DPO (padded and packed), GRPO and online DPO (packed), tiny
+model, CPU.
 
 ``python benchmarks/host_syncs.py`` runs a 2-step run of each case through the trainer, counts with
 :class:`fastpref.testing.HostSyncCounter` the calls that would be device->host syncs on a GPU during the LAST
@@ -25,8 +26,9 @@ BEFORE = {  # measured at 1b5b41b (before issue 15's single batch type), per mic
     "dpo padded": (2, 4),
     "dpo packed": (9, 2),
     "grpo packed": (4, 1),  # measured with this script run on the 1b5b41b tree
+    "online_dpo packed": (2, None),  # measured at da30cbd (the fused loss still validating its tensors)
 }
-TRANSFORMERS_BOUND = {"dpo padded": 4, "dpo packed": 0, "grpo packed": 0}
+TRANSFORMERS_BOUND = {"dpo padded": 4, "dpo packed": 0, "grpo packed": 0, "online_dpo packed": 0}
 """transformers' syncs per micro-batch now (module docstring: 2 per padded forward, none packed)."""
 
 
@@ -70,6 +72,9 @@ CASES = {
     "grpo packed": ("grpo", ["data.pack=true", "reference.mode=copy", "grpo.beta=0.04", "grpo.num_iterations=2",
                              "grpo.reward=fastpref.benchmarks.host_syncs:spread_reward",
                              "grpo.generation.num_generations=2", "grpo.generation.max_new_tokens=4"]),
+    "online_dpo packed": ("online_dpo", ["data.pack=true", "online_dpo.reward=fastpref.benchmarks.host_syncs:spread_reward",
+                                         "online_dpo.generation.num_generations=2",
+                                         "online_dpo.generation.max_new_tokens=4"]),
 }
 
 

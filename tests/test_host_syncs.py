@@ -1,4 +1,4 @@
-"""No host syncs from fastpref's own code in a training micro-batch (issue 15): DPO padded and packed, GRPO packed,
+"""No host syncs from fastpref's own code in a training micro-batch (issue 15): DPO padded and packed, GRPO and online DPO packed,
 through the trainer on the tiny model (``fastpref.benchmarks.host_syncs``), counted by
 ``fastpref.testing.HostSyncCounter`` and attributed to the innermost non-torch frame. transformers' own reads
 (the padding-mask checks of a padded batch) are bounded by the documented count."""
@@ -12,7 +12,7 @@ from fastpref.benchmarks.host_syncs import TRANSFORMERS_BOUND, measure
 from fastpref.testing import HostSyncCounter
 
 
-@pytest.mark.parametrize("case", ["dpo padded", "dpo packed", "grpo packed"])
+@pytest.mark.parametrize("case", ["dpo padded", "dpo packed", "grpo packed", "online_dpo packed"])
 def test_no_host_syncs_from_fastpref_in_a_training_micro_batch(case, tmp_path):
     m = measure(case, str(tmp_path))
     batch = m.micro_batch if not hasattr(m.micro_batch, "batch") else m.micro_batch.batch

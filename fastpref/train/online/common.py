@@ -26,7 +26,7 @@ import torch
 
 from fastpref.data.batch import Batch
 from fastpref.losses.fused_preference import FusedLinearDPOLoss
-from fastpref.losses.preference import DPO_LOSS_TYPES, dpo_loss
+from fastpref.losses.preference import DPOOptionError, check_dpo_options
 from fastpref.rewards import get_reward_fn, is_messages, score_rewards
 from fastpref.train.algorithms.base import Algorithm
 from fastpref.train.config import ConfigError
@@ -457,18 +457,18 @@ class PairDPOConfig(OnlineConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+        try:  # the one check of the loss options, shared with dpo_loss and the offline dpo section
+            check_dpo_options(self.loss_type, beta=self.beta, rdpo_alpha=self.length_alpha)
+        except DPOOptionError as e:
+            key, msg = e.option, str(e)
+            if key == "rdpo_alpha":  # this section's name for R-DPO's alpha
+                key, msg = "length_alpha", msg.replace("rdpo_alpha", "length_alpha (R-DPO's rdpo_alpha)", 1)
+            raise ValueError(msg if msg.startswith(key) else f"{key}={getattr(self, key)!r}: {msg}") from None
         if not (isinstance(self.steps_per_iteration, int) and self.steps_per_iteration >= 1):
             raise ValueError(f"steps_per_iteration must be an int >= 1, got {self.steps_per_iteration!r}")
         if self.iteration_prompts is not None and not (isinstance(self.iteration_prompts, int)
                                                        and self.iteration_prompts >= 1):
             raise ValueError(f"iteration_prompts must be null or an int >= 1, got {self.iteration_prompts!r}")
-        one = torch.zeros(1)  # let the loss reject bad option combinations now, not at the first step
-        dpo_loss(one, one, one, one, beta=self.beta, loss_type=self.loss_type, chosen_lengths=one + 1,
-                 rejected_lengths=one + 1, rdpo_alpha=self.length_alpha)
 
 
 def load_causal_lm(path: str, like: torch.nn.Module, what: str) -> torch.nn.Module:
@@ -531,6 +531,7 @@ class PairDPOAlgorithm(OnlineAlgorithm):
         super().__init__(cfg, rt)
         sec = self.sec
         self.loss_fn = FusedLinearDPOLoss(beta=sec.beta, loss_type=sec.loss_type, rdpo_alpha=sec.length_alpha,
+                                          validate=False,  # checked once by PairDPOConfig.validate; no host sync
                                           **logit_transform(rt.model).kwargs())
         if sec.reference_path and not os.path.isdir(sec.reference_path):
             raise ValueError(f"{self.name}.reference_path={sec.reference_path!r}: no such directory")
