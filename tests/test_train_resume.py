@@ -72,3 +72,38 @@ def test_resume_refuses_a_different_config(tmp_path):
     assert (out / "config.yaml").read_text() == before  # refused before anything was overwritten
     with pytest.raises(ConfigError, match="not a checkpoint directory"):
         Trainer(_cfg(out, "train.sft_warmup_steps=0", f"resume={tmp_path}"), quiet=True).run()
+
+
+def _as_pre_sections_checkpoint(ckpt, **loss):
+    """Rewrite ``ckpt``'s recorded config as a checkpoint written before the per-algorithm sections (issue 15)
+    records it: no ``dpo.*`` keys, the shared ``loss.*`` section instead (``loss`` overrides its values)."""
+    from fastpref.train.checkpoint import TRAINER_STATE, write_manifest
+    from fastpref.train.config import LEGACY_LOSS_KEYS
+
+    path = ckpt / TRAINER_STATE
+    state = json.loads(path.read_text())
+    conf = {k: v for k, v in state["config"].items() if not k.startswith("dpo.")}
+    conf.update({f"loss.{k}": v for k, v in {**LEGACY_LOSS_KEYS, **loss}.items()})
+    state["config"] = conf
+    path.write_text(json.dumps(state))
+    os.remove(ckpt / "manifest.json")
+    write_manifest(str(ckpt))
+
+
+def test_resume_reads_a_checkpoint_recorded_with_the_former_loss_section(tmp_path):
+    """A run checkpointed before the per-algorithm sections (its config has ``loss.*``, no ``dpo.*``) resumes
+    with the same settings, and is refused when a ``loss.*`` it recorded differs from today's ``dpo.*``."""
+    out = tmp_path / "run"
+    Trainer(_cfg(out, "train.sft_warmup_steps=0"), quiet=True, stop_after=2).run()
+    _as_pre_sections_checkpoint(out / "checkpoints" / "step-2")
+    Trainer(_cfg(out, "train.sft_warmup_steps=0"), quiet=True).run()
+    assert max(r["step"] for r in _metrics(out)) == 5 and (out / "final" / "model.safetensors").exists()
+
+    out2 = tmp_path / "run2"
+    Trainer(_cfg(out2, "train.sft_warmup_steps=0"), quiet=True, stop_after=2).run()
+    _as_pre_sections_checkpoint(out2 / "checkpoints" / "step-2", beta=0.2)
+    with pytest.raises(ConfigError, match=r"dpo\.beta: 0\.2 -> 0\.1"):
+        Trainer(_cfg(out2, "train.sft_warmup_steps=0"), quiet=True).run()
+    _as_pre_sections_checkpoint(out2 / "checkpoints" / "step-2", beta=0.1, simpo_gamma=0.7)
+    with pytest.raises(ConfigError, match=r"loss\.simpo_gamma: 0\.7 -> \(absent\)"):
+        Trainer(_cfg(out2, "train.sft_warmup_steps=0"), quiet=True).run()

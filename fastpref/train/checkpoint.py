@@ -496,7 +496,7 @@ def config_snapshot(cfg: Config) -> dict:
     """The config a checkpoint records: flattened ``key: value`` of the built-in sections and of the sections of
     the algorithms this run uses (its own; SFT's with a warm-up)."""
     d = config_to_dict(cfg)
-    keep = {"algorithm", "output_dir", "resume", "model", "reference", "data", "loss", "optim", "train", cfg.algorithm}
+    keep = {"algorithm", "output_dir", "resume", "model", "reference", "data", "optim", "train", cfg.algorithm}
     if cfg.train.sft_warmup_steps:
         keep.add("sft")
     return json.loads(json.dumps(_flat({k: v for k, v in d.items() if k in keep}), default=str))
@@ -534,10 +534,40 @@ def _show(v: Any) -> str:
 _ABSENT = object()
 
 
-def compare_runs(old: dict, new: dict, where: str) -> list[str]:
+def upgrade_recorded_config(recorded: dict, cfg: Config) -> tuple[dict, set[str]]:
+    """A config snapshot recorded before the per-algorithm sections (issue 15), in today's keys: each ``loss.X``
+    becomes the key it stands for under ``cfg.algorithm`` (``loss.beta`` -> ``dpo.beta``, as
+    :func:`~fastpref.train.config.legacy_loss_target` maps a YAML's ``loss.*``); ``loss.type=auto`` and a former
+    default of an option the algorithm lacks are dropped. Returns ``(snapshot, upgraded)`` where ``upgraded`` says
+    it was such a snapshot (then options it could not record are compared with their defaults, see
+    :func:`compare_runs`). A ``loss.X`` with a value today's algorithm cannot express stays, and is refused."""
+    from fastpref.train.config import LEGACY_LOSS_KEYS, legacy_loss_target
+
+    legacy = {k for k in recorded if k.startswith("loss.")}
+    if not legacy:
+        return recorded, set()
+    out = {k: v for k, v in recorded.items() if k not in legacy}
+    for key in legacy:
+        name, value = key.split(".", 1)[1], recorded[key]
+        if name == "type" and value == "auto":
+            continue
+        target = legacy_loss_target(cfg, name) if name in LEGACY_LOSS_KEYS else None
+        if target is not None:
+            out.setdefault(target, value)
+        elif not (name in LEGACY_LOSS_KEYS and value == LEGACY_LOSS_KEYS[name]):
+            out[key] = value
+    return out, legacy
+
+
+def compare_runs(old: dict, new: dict, where: str, defaults: dict | None = None) -> list[str]:
     """Compare a recorded ``run_snapshot`` (``old``: a checkpoint's ``trainer_state.json`` or a finished run's)
     with this run's: raise :class:`CheckpointError` listing every immutable change as ``key: old -> new``; return
-    the mutable changes in the same form."""
+    the mutable changes in the same form.
+
+    ``defaults`` (the snapshot of a default config of the run's algorithm), for a record written before the
+    per-algorithm sections (its ``loss.*`` keys upgraded by :func:`upgrade_recorded_config`): a key that record
+    lacks is no change when this run has it at its default (the option did not exist then, so the run had its
+    default behaviour)."""
     oi, ni = old.get("identity", {}), new["identity"]
     if oi.get("checkpoint_format") != ni["checkpoint_format"]:
         raise CheckpointError(f"resume: checkpoint {where} was written with checkpoint_format="
@@ -552,6 +582,8 @@ def compare_runs(old: dict, new: dict, where: str) -> list[str]:
     oc, nc = old.get("config", {}), new["config"]
     for key in sorted(set(oc) | set(nc)):
         a, b = oc.get(key, _ABSENT), nc.get(key, _ABSENT)
+        if a is _ABSENT and defaults is not None and key in defaults:
+            a = defaults[key]  # an option the old record could not hold: it ran at the default
         if a is not _ABSENT and b is not _ABSENT and a == b and type(a) is type(b):
             continue
         (changed if key in MUTABLE else refused).append(f"{key}: {_show(a)} -> {_show(b)}")
@@ -791,6 +823,16 @@ def plan_start(cfg: Config, snapshot: dict, total_steps: int, say: Callable[[str
     return plan if rank == 0 else StartPlan(RunDir(cfg.output_dir), *rest)
 
 
+def _upgraded(recorded: dict, cfg: Config) -> tuple[dict, dict | None]:
+    """``(recorded snapshot in today's keys, defaults or None)`` for :func:`compare_runs`."""
+    conf, legacy = upgrade_recorded_config(recorded.get("config", {}), cfg)
+    if not legacy:
+        return recorded, None
+    base = Config(algorithm=cfg.algorithm)
+    base.train.sft_warmup_steps = cfg.train.sft_warmup_steps
+    return {**recorded, "config": conf}, config_snapshot(base)
+
+
 def _plan_start(cfg: Config, snapshot: dict, total_steps: int, say: Callable[[str], None]) -> StartPlan:
     out = cfg.output_dir
     rd = RunDir(out)
@@ -798,9 +840,11 @@ def _plan_start(cfg: Config, snapshot: dict, total_steps: int, say: Callable[[st
     fin = rd.finished if cfg.resume != "none" and os.path.isdir(os.path.join(out, "final")) else None
     changes: list[str] = []
     if resume is not None:
-        changes = compare_runs(resume.state, snapshot, resume.path)
+        rec, defaults = _upgraded(resume.state, cfg)
+        changes = compare_runs(rec, snapshot, resume.path, defaults)
     elif fin is not None:
-        changes = compare_runs(fin, snapshot, f"{out} (finished run)")
+        rec, defaults = _upgraded(fin, cfg)
+        changes = compare_runs(rec, snapshot, f"{out} (finished run)", defaults)
     if fin is not None and fin["step"] >= total_steps:
         last = checkpoint_dirs(os.path.join(out, CHECKPOINTS))
         how = (f"rerun with a larger train.max_steps (it continues from checkpoint step-{last[-1][0]})" if last else

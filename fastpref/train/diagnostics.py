@@ -99,7 +99,7 @@ class Diagnostics:
     """Feed it each logged record (:meth:`update`); it returns the ``diag/*`` flags of that record and reports
     each condition once through ``warn``.
 
-    ``beta``: the implicit-reward scale (``loss.beta``); ``reference_based``: whether the rewards are log-ratios
+    ``beta``: the implicit-reward scale (the algorithm section's ``beta``); ``reference_based``: whether the rewards are log-ratios
     to a reference (the DPO family, KTO), so ``kl_blowup`` applies.
     """
 
@@ -187,8 +187,8 @@ class Diagnostics:
 def observe(trainer, record: dict, step: int) -> dict[str, float]:
     """The trainer's hook: the ``diag/*`` flags of a logged ``record`` (main phase of a run whose algorithm logs
     preference metrics: the DPO family, KTO, ORPO / SimPO / CPO, the on-line pair methods), warnings through
-    ``trainer.say``. The :class:`Diagnostics` lives on the trainer (``beta``: the algorithm section's, else
-    ``loss.beta``)."""
+    ``trainer.say``. The :class:`Diagnostics` lives on the trainer (``beta``: the algorithm section's (``dpo.beta``,
+    ``kto.beta``, ...), else TRL's default 0.1)."""
     if record.get("phase") == "sft_warmup" or not ("rewards/margins" in record or "logps/chosen" in record):
         return {}  # the warm-up, and algorithms without preference metrics (sft, rm, grpo, ppo)
     diag = getattr(trainer, "_diagnostics", None)

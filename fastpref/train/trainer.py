@@ -274,7 +274,7 @@ class Trainer:
                                train_examples=self.train_ex, total_steps=self._total_steps())
         try:
             self.algo = algo_cls(cfg, rt)
-        except ValueError as e:  # a loss option the loss rejects (e.g. an unknown loss.type)
+        except ValueError as e:  # a loss option the loss rejects at construction
             raise ConfigError(f"algorithm={cfg.algorithm}: {e}") from None
         warm_algo = ALGORITHMS["sft"](cfg, rt) if cfg.train.sft_warmup_steps else None
         params = [p for p in self.model.parameters() if p.requires_grad]
