@@ -47,22 +47,25 @@ def _yaml(v):
 
 
 # algorithm -> (every field of its section at a value other than its default, what the built loss must hold)
+SKIP = {"skip_unscored": True}  # FusedLossOptions, which the five fused sections inherit
 SET = {
-    "dpo": ({"beta": 0.3, "loss_type": ["sigmoid", "hinge"], "loss_weights": [0.7, 0.2], "label_smoothing": 0.1,
+    "dpo": ({**SKIP, "beta": 0.3, "loss_type": ["sigmoid", "hinge"], "loss_weights": [0.7, 0.2], "label_smoothing": 0.1,
              "rpo_alpha": 0.4, "rdpo_alpha": 0.05, "ld_alpha": 0.5, "dpop_lambda": 2.0, "discopop_tau": 0.2,
              "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
-            {"beta": 0.3, "loss_type": ["sigmoid", "hinge", "sft"], "loss_weights": [0.7, 0.2, 0.4],
+            {**SKIP, "beta": 0.3, "loss_type": ["sigmoid", "hinge", "sft"], "loss_weights": [0.7, 0.2, 0.4],
              "label_smoothing": 0.1, "rdpo_alpha": 0.05, "ld_alpha": 0.5, "dpop_lambda": 2.0, "discopop_tau": 0.2,
              "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}),
-    "kto": ({"beta": 0.3, "loss_type": "apo_zero_unpaired", "desirable_weight": 1.5, "undesirable_weight": 0.5},
-            {"beta": 0.3, "loss_type": "apo_zero_unpaired", "desirable_weight": 1.5, "undesirable_weight": 0.5}),
-    "orpo": ({"beta": 0.3}, {"beta": 0.3}),
-    "simpo": ({"beta": 2.0, "gamma": 0.8, "label_smoothing": 0.1, "alpha": 0.2},
-              {"beta": 2.0, "loss_type": "simpo", "simpo_gamma": 0.8, "label_smoothing": 0.1, "alpha": 0.2,
+    "kto": ({**SKIP, "beta": 0.3, "loss_type": "apo_zero_unpaired", "desirable_weight": 1.5,
+             "undesirable_weight": 0.5},
+            {**SKIP, "beta": 0.3, "loss_type": "apo_zero_unpaired", "desirable_weight": 1.5,
+             "undesirable_weight": 0.5}),
+    "orpo": ({**SKIP, "beta": 0.3}, {**SKIP, "beta": 0.3}),
+    "simpo": ({**SKIP, "beta": 2.0, "gamma": 0.8, "label_smoothing": 0.1, "alpha": 0.2},
+              {**SKIP, "beta": 2.0, "loss_type": "simpo", "simpo_gamma": 0.8, "label_smoothing": 0.1, "alpha": 0.2,
                "cpo_alpha": 0.0}),
-    "cpo": ({"beta": 0.3, "loss_type": "hinge", "label_smoothing": 0.1, "cpo_alpha": 0.5, "simpo_gamma": 0.8,
+    "cpo": ({**SKIP, "beta": 0.3, "loss_type": "hinge", "label_smoothing": 0.1, "cpo_alpha": 0.5, "simpo_gamma": 0.8,
              "alpha": 0.2},
-            {"beta": 0.3, "loss_type": "hinge", "label_smoothing": 0.1, "cpo_alpha": 0.5, "simpo_gamma": 0.8,
+            {**SKIP, "beta": 0.3, "loss_type": "hinge", "label_smoothing": 0.1, "cpo_alpha": 0.5, "simpo_gamma": 0.8,
              "alpha": 0.2}),
     "rm": ({"loss_type": "log_exp", "center_rewards_coefficient": 0.01},
            {"loss_type": "log_exp", "center_rewards_coefficient": 0.01}),
@@ -75,7 +78,8 @@ def _loss_options(algo) -> dict:
         assert fn.keywords["validate"] is False
         return {k: v for k, v in fn.keywords.items() if k != "validate"}
     assert fn.validate is False  # the trainer's losses never sync on the step for input checks
-    return dict(fn.opts) if hasattr(fn, "opts") else {"beta": fn.beta}
+    out = dict(fn.opts) if hasattr(fn, "opts") else {"beta": fn.beta}
+    return {**out, "skip_unscored": fn.skip_unscored}
 
 
 @pytest.mark.parametrize("name", list(SET))
@@ -321,6 +325,15 @@ def test_ld_alpha_and_rpo_alpha_change_a_two_step_run(tmp_path):
     assert abs(base[0] - math.log(2)) < 1e-5 and abs(ld[0] - math.log(2)) < 1e-5
     assert abs(ld[1] - base[1]) > 1e-6  # after one update the LD weighting of the excess tokens shows
     assert rpo[0] > base[0] + 0.1  # + the chosen NLL (a few nats per token for an untrained model)
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_skip_unscored_trains_the_same_run(tmp_path, pack):
+    """``dpo.skip_unscored=true`` (the head sees only the scored positions) gives the same two-step run."""
+    base = _run_losses(tmp_path, f"base-{pack}", f"data.pack={str(pack).lower()}")
+    skip = _run_losses(tmp_path, f"skip-{pack}", f"data.pack={str(pack).lower()}", "dpo.skip_unscored=true")
+    assert len(base) == len(skip) == 2 and abs(base[1] - base[0]) > 1e-4  # it trained
+    assert skip == pytest.approx(base, rel=1e-5, abs=1e-6)
 
 
 # -------------------------------------------------------------------------------------------- reward margin

@@ -121,7 +121,7 @@ def _oracle(kind, opts, seq, lens, ref, tails, kl):
 
 
 def _check_case(case, layout, dtype, impl="torch", chunk_size=24, temperature=0.7, ref_mode="hidden", seed=0,
-                device="cpu", head=None, **fused_kw):
+                device="cpu", head=None, host_counts=False, **fused_kw):
     cls, opts, kind = CASES[case]
     paired = kind != "kto"
     seqs = _sequences(6, seed)
@@ -161,6 +161,10 @@ def _check_case(case, layout, dtype, impl="torch", chunk_size=24, temperature=0.
             kw["ref_logps"] = (r[0::2], r[1::2]) if paired else r
     if kind == "kto":
         kw.update(labels=KTO_LABELS.to(device), kl=kl.to(device))
+    if host_counts:  # the scored tokens per sequence in input row order, as a Batch's scored_lengths_host
+        valid = (t != IGN).long()
+        kw["scored_lengths_host"] = (valid.sum(-1).tolist() if cu is None else
+                                     [int(valid[a:b].sum()) for a, b in zip(cu[:-1], cu[1:])])
     loss, m = fused(h, w, t.to(device), cu_seqlens=cu, **kw)
     loss.backward()
     m = {k: v.cpu() for k, v in m.items()}
@@ -221,8 +225,11 @@ def test_triton_path_under_interpreter(case):
 
 @pytest.mark.parametrize("case", ["dpo-ldpo", "dpo-aot", "kto", "orpo"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_skip_unscored_gives_the_same_result(case, layout):
-    loss_ref, m_ref, dh_ref, dw_ref, loss, m, dh, dw = _check_case(case, layout, torch.float32, skip_unscored=True)
+@pytest.mark.parametrize("host_counts", [False, True], ids=["device-counts", "host-counts"])
+def test_skip_unscored_gives_the_same_result(case, layout, host_counts):
+    """Read back from the device, or given as ``scored_lengths_host`` (no sync; padded pairs reordered)."""
+    loss_ref, m_ref, dh_ref, dw_ref, loss, m, dh, dw = _check_case(case, layout, torch.float32, skip_unscored=True,
+                                                                   host_counts=host_counts)
     assert_close_to_ref(f"{case} loss", loss_ref.detach(), loss, dtype=torch.float32)
     assert_close_to_ref(f"{case} dhidden", dh_ref, dh, dtype=torch.float32)
     assert_close_to_ref(f"{case} dweight", dw_ref, dw, dtype=torch.float32)
@@ -371,3 +378,22 @@ def test_fused_dpo_matches_liger(loss_type):
     torch.testing.assert_close(loss, (out[0] if isinstance(out, tuple) else out).detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(wb.grad, wa.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_skip_unscored_host_counts_are_checked():
+    """Wrong ``scored_lengths_host``: the number of entries is always checked; the values with ``validate=True``
+    (a host sync); padded pairs get the counts in input row order (chosen rows first)."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(4, 6, 8, generator=g), torch.randn(11, 8, generator=g)
+    t = torch.randint(0, 11, (4, 6), generator=g)
+    t[:, :2] = IGN
+    t[0, 5] = IGN  # chosen row 0 has 3 scored tokens, the others 4
+    counts = (t != IGN).sum(-1).tolist()
+    assert counts == [3, 4, 4, 4]
+    loss = FusedLinearDPOLoss(skip_unscored=True, validate=True)
+    ref = (torch.zeros(2), torch.zeros(2))
+    loss(h, w, t, ref_logps=ref, scored_lengths_host=counts)  # right: runs
+    with pytest.raises(ValueError, match="scored_lengths_host has 3 entries for 4 sequences"):
+        loss(h, w, t, ref_logps=ref, scored_lengths_host=counts[:3])
+    with pytest.raises(ValueError, match="does not match"):
+        loss(h, w, t, ref_logps=ref, scored_lengths_host=[4, 3, 4, 4])

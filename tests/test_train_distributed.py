@@ -6,7 +6,6 @@ ConfigErrors that name the key. (Plain torchrun DDP: ``tests/test_train_ddp.py``
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ from fastpref.train.cli import embedded_default
 from fastpref.train.config import ConfigError, load_config
 from fastpref.train.distributed import DeepSpeedParallel, deepspeed_config, parallel_kind
 from fastpref.train.trainer import Trainer
+from torchrun import run_ranks
 
 # The run used by every comparison: SFT warm-up step 1, then DPO (the reference is taken at step 2).
 ARGS = ["data.synthetic_rows=64", "train.batch_size=4", "train.sft_warmup_steps=1", "train.eval_every=0",
@@ -45,15 +45,7 @@ def run_train(tmp_path, args, *, nproc=1, stop_after=0, env_extra=None):
     ``stop_after`` when it is > 0."""
     script = tmp_path / "run_train.py"
     script.write_text(_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu",
-           **(env_extra or {})}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  f"--nproc_per_node={nproc}"]
-    r = subprocess.run([*launch, str(script), str(stop_after), *args], capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run_ranks([script, stop_after, *args], nproc=nproc, env_extra=env_extra)
 
 
 def records(out):

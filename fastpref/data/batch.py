@@ -45,6 +45,9 @@ class Batch:
     """``[S]`` int64: which input example (of the list given to the packer) each row / packed sequence is."""
     scored_lengths: torch.Tensor
     """``[S]`` int64: scored tokens per sequence (a completion's length for rollouts)."""
+    scored_lengths_host: tuple[int, ...] | None = None
+    """The same counts as Python ints, counted on the host by the collator (in row / sequence order): what the
+    fused losses' ``skip_unscored`` plans with, so it needs no read-back."""
     attention_mask: torch.Tensor | None = None
     """``[S, T]`` 1 on real tokens, 0 on padding (padded only)."""
     cu_seqlens: torch.Tensor | None = None
@@ -96,6 +99,15 @@ class Batch:
             return values[0::2], values[1::2]
         p = values.shape[0] // 2
         return values[:p], values[p:]
+
+    def loss_layout(self) -> dict:
+        """The layout keyword arguments of the fused losses (``fastpref.losses.fused_preference``) for this batch:
+        the packed boundaries (device tensor and host copy) and the host scored-token counts; nothing is read back
+        from the device."""
+        kw: dict = {"scored_lengths_host": self.scored_lengths_host}
+        if self.packed:
+            kw.update(cu_seqlens=self.cu_seqlens, cu_seqlens_host=self.cu_seqlens_host)
+        return kw
 
     def token_seq_ids(self) -> torch.Tensor:
         """``[N]`` int64 sequence index of each packed token, on the device (no host sync: the output size is

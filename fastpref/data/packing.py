@@ -108,6 +108,7 @@ def pack_examples(examples: list[dict], max_tokens: int, *, unit_size: int = 1,
             position_ids=torch.tensor([pos], dtype=torch.long),
             seq_index=torch.tensor(index, dtype=torch.long),
             scored_lengths=torch.tensor(scored, dtype=torch.long),
+            scored_lengths_host=tuple(scored),
             cu_seqlens=torch.tensor(cu, dtype=torch.int32),
             cu_seqlens_host=tuple(cu),
             max_seqlen=max(b - a for a, b in zip(cu, cu[1:])),
@@ -132,13 +133,17 @@ def collate_padded(examples: list[dict], pad_id: int, *, unit_size: int = 1,
     mask = torch.zeros((B, T), dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)
     tgt = torch.full((B, T), ignore_index, dtype=torch.long)
+    scored = []
     for row, e in enumerate(order):
         s_ids, s_labels = seqs[e]
         n = len(s_ids)
+        shifted = _shifted(s_labels, ignore_index)
         ids[row, :n] = torch.tensor(s_ids)
         mask[row, :n] = 1
         pos[row, :n] = torch.arange(n)
-        tgt[row, :n] = torch.tensor(_shifted(s_labels, ignore_index))
+        tgt[row, :n] = torch.tensor(shifted)
+        scored.append(sum(t != ignore_index for t in shifted))
     return Batch(input_ids=ids, targets=tgt, position_ids=pos, seq_index=torch.tensor(order, dtype=torch.long),
-                 scored_lengths=(tgt != ignore_index).sum(-1), attention_mask=mask,
+                 scored_lengths=torch.tensor(scored, dtype=torch.long), scored_lengths_host=tuple(scored),
+                 attention_mask=mask,
                  max_seqlen=max(len(s[0]) for s in seqs), unit_size=unit_size)

@@ -77,8 +77,10 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         validate: check token ids and NaN/inf in the per-sequence log-probs (a few host syncs); turn off on the
             trainer's hot path.
         skip_unscored: drop the positions whose target is ``ignore_index`` (prompt, padding) before the LM head,
-            for the policy and the reference alike: often half the work of a DPO batch. Costs one host sync per
-            call (the per-sequence counts of scored tokens); results are identical.
+            for the policy and the reference alike: often half the work of a DPO batch; results are identical.
+            The chunks are planned from the per-sequence counts of scored tokens: pass them as
+            ``scored_lengths_host`` (what a ``fastpref.data.Batch`` carries, ``batch.loss_layout()``) and it
+            costs nothing, else one host sync per call reads them.
         engine: ``"eager"`` (chunks of whole pairs, gradients formed in the forward, 6NHV), ``"recompute"``
             (``linear_logprobs`` + autograd: chunks of any rows, 8NHV), or ``"auto"``: eager unless the loss
             couples the batch (``aot``) or a pair (sequence, for KTO) is longer than the chunk budget, where an
@@ -120,17 +122,19 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     # -- the engine ---------------------------------------------------------------------------------------------
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                 cu_seqlens: Tensor | Sequence[int] | None = None, cu_seqlens_host: Sequence[int] | None = None,
+                scored_lengths_host: Sequence[int] | None = None,
                 ref_logps=None, ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None,
                 ref_bias: Tensor | None = None, **kwargs):
         """``(loss, metrics)``; see the module docstring for the layouts. ``ref_logps``: ``(chosen [P],
         rejected [P])`` for pair losses, ``[B]`` for KTO (already LD-weighted if ``ld_alpha`` is used, as TRL's
-        precomputed reference log-probs are)."""
+        precomputed reference log-probs are). ``scored_lengths_host``: the scored tokens of each sequence (rows in
+        the input's order) as Python ints, for ``skip_unscored`` without a host sync; ignored otherwise."""
         name = type(self).__name__
         b = self._layout(name, hidden, targets, cu_seqlens, cu_seqlens_host)
         if self.needs_tail:
             b.tail_weight = self._tail_weight(b)
         if self.skip_unscored:
-            self._compact(b)
+            self._compact(name, b, scored_lengths_host)
         if self.needs_ref:
             self._reference(name, b, ref_logps, ref_hidden, ref_weight, ref_bias, weight)
         elif ref_logps is not None or ref_hidden is not None:
@@ -232,9 +236,23 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         lengths = segment_sum((t != self.ignore_index).float(), cu)
         return _Batch(hidden=h, targets=t, bounds=bounds, cu=cu, lengths=lengths, perm=perm)
 
-    def _compact(self, b: _Batch) -> None:
-        """Keep only the scored positions; sequence k's scored tokens stay contiguous and in order."""
-        counts = [int(c) for c in b.lengths.tolist()]  # the one host sync of skip_unscored
+    def _compact(self, name: str, b: _Batch, host_counts: Sequence[int] | None) -> None:
+        """Keep only the scored positions; sequence k's scored tokens stay contiguous and in order. The counts
+        per sequence come from ``host_counts`` (input row order; reordered here as the rows were), else from the
+        device (one host sync)."""
+        if host_counts is None:
+            counts = [int(c) for c in b.lengths.tolist()]  # the one host sync of skip_unscored without host counts
+        else:
+            counts = [int(c) for c in host_counts]
+            if len(counts) != len(b.bounds) - 1:
+                raise ValueError(f"{name}: scored_lengths_host has {len(counts)} entries for {len(b.bounds) - 1} "
+                                 "sequences")
+            if b.perm is not None:  # padded pairs were interleaved (chosen_i, rejected_i): reorder the same way
+                half = len(counts) // 2
+                counts = [c for i in range(half) for c in (counts[i], counts[half + i])]
+            if self.validate and counts != [int(c) for c in b.lengths.tolist()]:
+                raise ValueError(f"{name}: scored_lengths_host {counts[:8]} does not match the targets' scored "
+                                 f"tokens {[int(c) for c in b.lengths.tolist()][:8]}")
         n = sum(counts)
         keep = b.targets != self.ignore_index
         b.index = torch.argsort((~keep).to(torch.int8), stable=True)[:n]  # scored positions, in order, no sync

@@ -472,6 +472,8 @@ MUTABLE: dict[str, str] = {
     "reference.cache_dir": "where a precomputed reference is cached (a resume reads it from the checkpoint)",
     "data.train_files": "the files may move: their content is compared (data fingerprint)",
     "data.eval_files": "the files may move: their content is compared (data fingerprint)",
+    **{f"{algo}.skip_unscored": "the same results with less LM-head work" for algo in ("dpo", "kto", "orpo", "simpo",
+                                                                                       "cpo")},
 }
 """Config keys that may differ between a checkpoint and the run resuming it. Every other key (model, data
 settings, algorithm and its section, loss, reference.mode, seed, batch sizes, warm-up, precision, the optimizer's
@@ -534,18 +536,17 @@ def _show(v: Any) -> str:
 _ABSENT = object()
 
 
-def upgrade_recorded_config(recorded: dict, cfg: Config) -> tuple[dict, set[str]]:
+def upgrade_recorded_config(recorded: dict, cfg: Config) -> dict:
     """A config snapshot recorded before the per-algorithm sections (issue 15), in today's keys: each ``loss.X``
     becomes the key it stands for under ``cfg.algorithm`` (``loss.beta`` -> ``dpo.beta``, as
     :func:`~fastpref.train.config.legacy_loss_target` maps a YAML's ``loss.*``); ``loss.type=auto`` and a former
-    default of an option the algorithm lacks are dropped. Returns ``(snapshot, upgraded)`` where ``upgraded`` says
-    it was such a snapshot (then options it could not record are compared with their defaults, see
-    :func:`compare_runs`). A ``loss.X`` with a value today's algorithm cannot express stays, and is refused."""
+    default of an option the algorithm lacks are dropped. A ``loss.X`` with a value today's algorithm cannot
+    express stays, and is refused."""
     from fastpref.train.config import LEGACY_LOSS_KEYS, legacy_loss_target
 
     legacy = {k for k in recorded if k.startswith("loss.")}
     if not legacy:
-        return recorded, set()
+        return recorded
     out = {k: v for k, v in recorded.items() if k not in legacy}
     for key in legacy:
         name, value = key.split(".", 1)[1], recorded[key]
@@ -556,7 +557,7 @@ def upgrade_recorded_config(recorded: dict, cfg: Config) -> tuple[dict, set[str]
             out.setdefault(target, value)
         elif not (name in LEGACY_LOSS_KEYS and value == LEGACY_LOSS_KEYS[name]):
             out[key] = value
-    return out, legacy
+    return out
 
 
 def compare_runs(old: dict, new: dict, where: str, defaults: dict | None = None) -> list[str]:
@@ -564,10 +565,10 @@ def compare_runs(old: dict, new: dict, where: str, defaults: dict | None = None)
     with this run's: raise :class:`CheckpointError` listing every immutable change as ``key: old -> new``; return
     the mutable changes in the same form.
 
-    ``defaults`` (the snapshot of a default config of the run's algorithm), for a record written before the
-    per-algorithm sections (its ``loss.*`` keys upgraded by :func:`upgrade_recorded_config`): a key that record
-    lacks is no change when this run has it at its default (the option did not exist then, so the run had its
-    default behaviour)."""
+    ``defaults`` (the snapshot of a default config of the run's algorithm): a key the record lacks is no change
+    when this run has it at its default -- the record was written by a fastpref without that option (new options
+    default to the former behaviour), e.g. before the per-algorithm sections (its ``loss.*`` keys upgraded by
+    :func:`upgrade_recorded_config`)."""
     oi, ni = old.get("identity", {}), new["identity"]
     if oi.get("checkpoint_format") != ni["checkpoint_format"]:
         raise CheckpointError(f"resume: checkpoint {where} was written with checkpoint_format="
@@ -823,14 +824,16 @@ def plan_start(cfg: Config, snapshot: dict, total_steps: int, say: Callable[[str
     return plan if rank == 0 else StartPlan(RunDir(cfg.output_dir), *rest)
 
 
-def _upgraded(recorded: dict, cfg: Config) -> tuple[dict, dict | None]:
-    """``(recorded snapshot in today's keys, defaults or None)`` for :func:`compare_runs`."""
-    conf, legacy = upgrade_recorded_config(recorded.get("config", {}), cfg)
-    if not legacy:
-        return recorded, None
-    base = Config(algorithm=cfg.algorithm)
-    base.train.sft_warmup_steps = cfg.train.sft_warmup_steps
-    return {**recorded, "config": conf}, config_snapshot(base)
+def _upgraded(recorded: dict, cfg: Config) -> tuple[dict, dict]:
+    """``(recorded snapshot in today's keys, the defaults)`` for :func:`compare_runs`."""
+    conf = upgrade_recorded_config(recorded.get("config", {}), cfg)
+    try:
+        base = Config(algorithm=cfg.algorithm)
+        base.train.sft_warmup_steps = cfg.train.sft_warmup_steps
+        defaults = config_snapshot(base)
+    except (ConfigError, ValueError, KeyError):  # an algorithm without a default config: compare strictly
+        defaults = {}
+    return {**recorded, "config": conf}, defaults
 
 
 def _plan_start(cfg: Config, snapshot: dict, total_steps: int, say: Callable[[str], None]) -> StartPlan:

@@ -99,8 +99,8 @@ class Diagnostics:
     """Feed it each logged record (:meth:`update`); it returns the ``diag/*`` flags of that record and reports
     each condition once through ``warn``.
 
-    ``beta``: the implicit-reward scale (the algorithm section's ``beta``); ``reference_based``: whether the rewards are log-ratios
-    to a reference (the DPO family, KTO), so ``kl_blowup`` applies.
+    ``beta``: the implicit-reward scale (the algorithm section's ``beta``); ``reference_based``: whether the
+    rewards are log-ratios to a reference (the DPO family, KTO), so ``kl_blowup`` applies.
     """
 
     def __init__(self, *, beta: float, reference_based: bool, thresholds: Thresholds | None = None,

@@ -13,14 +13,14 @@ import torch
 
 from fastpref.data.collate import collate_single
 from fastpref.losses.preference import KTO_LOSS_TYPES
-from fastpref.train.algorithms.base import Algorithm, register_algorithm
+from fastpref.train.algorithms.base import Algorithm, FusedLossOptions, register_algorithm
 from fastpref.train.config import one_of, ranged
 from fastpref.train.diagnostics import labelled_length_metrics
 from fastpref.train.modeling import decoder_hidden, lm_head, logit_transform, sequence_logps
 
 
 @dataclass
-class KTOConfig:
+class KTOConfig(FusedLossOptions):
     """``kto:`` the KTO loss (``fastpref.losses.kto_loss``): TRL's ``KTOConfig`` names and defaults."""
 
     beta: float = ranged(0.1, "> 0")
@@ -55,7 +55,7 @@ class KTO(Algorithm):
         sec = self.section  # validate=False: our collator's inputs, no host syncs on the step
         self.loss_fn = FusedLinearKTOLoss(beta=sec.beta, loss_type=sec.loss_type, desirable_weight=sec.desirable_weight,
                                           undesirable_weight=sec.undesirable_weight, validate=False,
-                                          **logit_transform(rt.model).kwargs())
+                                          **sec.fused_kwargs(), **logit_transform(rt.model).kwargs())
 
     def collate(self, examples):
         pad = self.rt.tokenizer.pad_token_id
@@ -81,7 +81,7 @@ class KTO(Algorithm):
         z0 = self._z0(batch)
         hidden = decoder_hidden(self.rt.model, batch)
         w, b = lm_head(self.rt.model)
-        kw = {"cu_seqlens": batch.cu_seqlens, "cu_seqlens_host": batch.cu_seqlens_host} if batch.packed else {}
+        kw = batch.loss_layout()
         loss, metrics = self.loss_fn(hidden, w, batch.targets, bias=b, ref_logps=ref, labels=batch.labels,
                                      kl=z0, **kw)
         if z0 is not None:

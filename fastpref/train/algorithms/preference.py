@@ -15,7 +15,7 @@ import torch
 
 from fastpref.data.collate import collate_preference
 from fastpref.losses.preference import CPO_LOSS_TYPES, DPOOptionError, check_dpo_options
-from fastpref.train.algorithms.base import Algorithm, register_algorithm
+from fastpref.train.algorithms.base import Algorithm, FusedLossOptions, register_algorithm
 from fastpref.train.config import one_of, ranged
 from fastpref.train.diagnostics import paired_length_metrics
 from fastpref.train.modeling import decoder_hidden, lm_head, logit_transform
@@ -26,11 +26,11 @@ class _Paired(Algorithm):
 
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
-        self.loss_fn = self.make_loss(**logit_transform(rt.model).kwargs())
+        self.loss_fn = self.make_loss(**self.section.fused_kwargs(), **logit_transform(rt.model).kwargs())
 
     def make_loss(self, **head):
         """The fused loss from this algorithm's section; ``head`` is the model's logit transform (``softcap``,
-        ``logit_scale``). Built with ``validate=False``: the inputs come from our collator, and the NaN / token-id
+        ``logit_scale``) and the section's :class:`FusedLossOptions` (``skip_unscored``). Built with ``validate=False``: the inputs come from our collator, and the NaN / token-id
         checks would be host syncs on every step (the options were checked when the config was loaded)."""
         raise NotImplementedError
 
@@ -44,7 +44,7 @@ class _Paired(Algorithm):
                                   pack=self.cfg.data.pack)
 
     def compute_loss(self, batch):
-        kw = {"cu_seqlens": batch.cu_seqlens, "cu_seqlens_host": batch.cu_seqlens_host} if batch.packed else {}
+        kw = batch.loss_layout()
         if self.needs_reference:
             kw.update(self.reference_inputs(batch))
         hidden = decoder_hidden(self.rt.model, batch)
@@ -54,7 +54,7 @@ class _Paired(Algorithm):
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(FusedLossOptions):
     """``dpo:`` the DPO loss (``fastpref.losses.dpo_loss``): TRL 1.16 ``DPOConfig``'s names and defaults."""
 
     beta: float = ranged(0.1, "> 0")
@@ -155,7 +155,7 @@ class DPO(_Paired):
 
 
 @dataclass
-class ORPOConfig:
+class ORPOConfig(FusedLossOptions):
     """``orpo:`` the ORPO loss (``fastpref.losses.orpo_loss``): TRL's ``ORPOConfig`` names and defaults."""
 
     beta: float = ranged(0.1, ">= 0")
@@ -176,7 +176,7 @@ class ORPO(_Paired):
 
 
 @dataclass
-class SimPOConfig:
+class SimPOConfig(FusedLossOptions):
     """``simpo:`` the SimPO loss (``fastpref.losses.simpo_loss``): TRL's ``CPOConfig`` with ``loss_type=simpo``,
     ``cpo_alpha=0`` (its names, ``simpo_gamma`` is ``gamma`` here)."""
 
@@ -209,7 +209,7 @@ class SimPO(_Paired):
 
 
 @dataclass
-class CPOConfig:
+class CPOConfig(FusedLossOptions):
     """``cpo:`` the CPO loss (``fastpref.losses.cpo_loss``): TRL's ``CPOConfig`` names and defaults."""
 
     beta: float = ranged(0.1, "> 0")

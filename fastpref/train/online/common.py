@@ -656,8 +656,7 @@ class PairDPOAlgorithm(OnlineAlgorithm):
         packed, ref = mb.batch, mb.ref
         w, b = lm_head(self.rt.model)
         return self.loss_fn(decoder_hidden(self.rt.model, packed), w, packed.targets, bias=b,
-                            cu_seqlens=packed.cu_seqlens, cu_seqlens_host=packed.cu_seqlens_host,
-                            ref_logps=(ref[0::2], ref[1::2]))
+                            ref_logps=(ref[0::2], ref[1::2]), **packed.loss_layout())
 
     def on_step_end(self, step: int) -> None:
         super().on_step_end(step)
