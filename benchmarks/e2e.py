@@ -10,13 +10,17 @@ as with TRL's ``precompute_ref_log_probs`` / a rollout's stored log-probs, so ev
 * ``fastpref-packed``: the same with the padding removed: the real tokens packed in one row, the model loaded with
   ``attn_implementation="fastpref"`` (``fastpref.attention.register_hf_attention``; packed varlen attention,
   explicit ``cu_seq_lens_q``), the packed forms of the fused losses.
+* ``fastpref-packed-skip`` (DPO): the same with ``skip_unscored=True`` (the trainer's ``dpo.skip_unscored``): the
+  LM head sees only the scored (response) positions, the counts given on the host (``scored_lengths_host``).
 * ``hf-naive``: ``model(...).logits``, fp32 ``log_softmax`` + gather, the plain loss.
 * ``trl``: the compute path of TRL 1.16's ``DPOTrainer._compute_loss`` / ``GRPOTrainer``: the model patched with
   ``trl.trainer.utils.add_fused_lm_head`` (DPOTrainer's ``outputs``), ``model(..., labels, fused_lm_head=True)
   .log_probs``, then the loss (fastpref's plain ``dpo_loss`` / ``policy_loss``, which the losses' tests check
   against TRL's formulas). TRL's ``Trainer`` loop itself (accelerate, data collation, logging) is not timed.
 
-Throughput is counted on the batch's tokens (padding included, the same for every provider).
+Throughput is counted on the batch's tokens (padding included, the same for every provider); so are the FLOPs,
+which flatters ``fastpref-packed-skip`` (it skips the head on the prompt positions) and the packed paths (no
+padding): compare their times.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ def _provider(kind: str, path: str):
         from fastpref.losses import dpo_loss
         from fastpref.losses.policy import policy_loss
 
-        if path == "fastpref-packed":
+        if path.startswith("fastpref-packed"):
             try:
                 from fastpref.attention.hf import register_hf_attention
             except ImportError as e:
@@ -114,13 +118,13 @@ def _provider(kind: str, path: str):
                     x["ref"] = (tok + 0.05 * noise).sum(-1)
                 else:
                     x["old"] = tok + 0.05 * noise
-        packed = _pack(x, kind) if path == "fastpref-packed" else None
+        packed = _pack(x, kind) if path.startswith("fastpref-packed") else None
         mask = (x["targets"] != -100).float()
         if path.startswith("fastpref"):
             if kind == "dpo":
                 from fastpref.losses.fused_preference import FusedLinearDPOLoss
 
-                fused = FusedLinearDPOLoss(beta=0.1, validate=False)
+                fused = FusedLinearDPOLoss(beta=0.1, validate=False, skip_unscored=path.endswith("-skip"))
             else:
                 try:
                     from fastpref.losses.fused_policy import FusedLinearPolicyLoss
@@ -131,7 +135,7 @@ def _provider(kind: str, path: str):
         B = x["input_ids"].shape[0] // 2
 
         def loss_fn():
-            if path == "fastpref-packed":
+            if path.startswith("fastpref-packed"):
                 from fastpref.train.modeling import base_model
 
                 k = packed
@@ -140,7 +144,8 @@ def _provider(kind: str, path: str):
                     cu_seq_lens_k=k["cu"], max_length_q=k["max"], max_length_k=k["max"]).last_hidden_state[0]
                 w = model.get_output_embeddings().weight
                 if kind == "dpo":
-                    return fused(h, w, k["targets"], cu_seqlens=k["cu_cpu"], ref_logps=(x["ref"][:B], x["ref"][B:]))[0]
+                    return fused(h, w, k["targets"], cu_seqlens=k["cu_cpu"], scored_lengths_host=k["scored"],
+                                 ref_logps=(x["ref"][:B], x["ref"][B:]))[0]
                 return fused(h, w, k["targets"], x["advantages"], cu_seqlens=k["cu_cpu"], old_logps=k["old"])[0]
             if path == "fastpref":
                 h = _hidden(model, x)
@@ -169,14 +174,15 @@ def _pack(x: dict, kind: str) -> dict:
     pairs interleaved (chosen, rejected) as the packed fused losses expect; explicit ``cu_seqlens``."""
     n = x["input_ids"].shape[0]
     rows = [r for i in range(n // 2) for r in (i, i + n // 2)] if kind == "dpo" else list(range(n))
-    lens = x["attention_mask"].sum(-1).tolist()
+    lens = x["attention_mask"].sum(-1).tolist()  # set-up, not timed: host reads are fine here
+    scored = (x["targets"] != -100).sum(-1).tolist()
     take = lambda t: torch.cat([t[r, :lens[r]] for r in rows])  # noqa: E731
     cu_cpu = torch.tensor([0] + [lens[r] for r in rows]).cumsum(0).to(torch.int32)
     dev = x["input_ids"].device
     return dict(ids=take(x["input_ids"])[None], targets=take(x["targets"]),
                 pos=torch.cat([torch.arange(lens[r], device=dev) for r in rows])[None],
                 old=None if x.get("old") is None else take(x["old"]), cu=cu_cpu.to(dev), cu_cpu=cu_cpu,
-                max=max(lens))
+                max=max(lens), scored=[scored[r] for r in rows])
 
 
 def _hidden(model, x):
@@ -211,7 +217,8 @@ for _kind, _rows, _gpu, _quick in (
         name=f"e2e-{_kind}",
         title=f"End-to-end {_kind.upper()} training step (Llama from config, fwd+bwd+AdamW)",
         make_inputs=_inputs(_kind),
-        providers={name: _provider(_kind, name) for name in ("fastpref", "fastpref-packed", "hf-naive", "trl")},
+        providers={name: _provider(_kind, name) for name in ("fastpref", "fastpref-packed", "hf-naive", "trl")
+                   + (("fastpref-packed-skip",) if _kind == "dpo" else ())},
         useful_flops=_flops(_rows, 2 if _kind == "dpo" else 1), actual_flops={},
         gpu=_gpu, quick=_quick, x_key="T",
         tokens=(lambda p, r=_rows, f=2 if _kind == "dpo" else 1: p[r] * f * p["T"])))
