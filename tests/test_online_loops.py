@@ -60,10 +60,14 @@ def test_spin_iteration_dataset_is_built_once_by_the_frozen_opponent_and_mixes_t
     assert any(not torch.equal(a, b) for a, b in zip(opponent[0], opponent[1]))
 
 
-def test_spin_resume_mid_iteration_continues_exactly():
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_spin_resume_mid_iteration_continues_exactly(epochs):
     rows = arith_sft_rows(48, seed=0)
-    kw = dict(rows=rows, steps_per_iteration=2, gen_max_new_tokens=2, iteration_prompts=8, train_stream=True)
-    a, b, _ = interrupted_and_resumed("spin", kw, 3, 3)     # step 3 of iteration 2: its dataset is in the state
+    kw = dict(rows=rows, steps_per_iteration=2 * epochs, epochs_per_iteration=epochs, gen_max_new_tokens=2,
+              iteration_prompts=8, train_stream=True)
+    # epochs=1: step 3 of iteration 2, its dataset in the state; epochs=2: cut inside the first pass, resumed
+    # across the second pass's reshuffle
+    a, b, _ = interrupted_and_resumed("spin", kw, 3, 3)
     assert_same_params(a.rt.model, b.rt.model)
 
 
@@ -295,3 +299,41 @@ def test_each_loop_example_runs_through_the_trainer(tmp_path, config):
     recs = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
     train = [r for r in recs if r.get("phase") == cfg.algorithm]
     assert len(train) == 3 and all(math.isfinite(r["loss"]) for r in train)
+
+
+def test_epochs_per_iteration_makes_passes_over_the_iteration_dataset_in_fresh_orders():
+    """``epochs_per_iteration=2`` with 4 steps: steps 1-2 see every pair of the iteration once, steps 3-4 again,
+    in another seeded order (uclaml/SPIN trains several epochs per iteration); 1 pass by default."""
+    from fastpref.train.online.common import Pair
+
+    data = [Pair([1, i], [2], [3]) for i in range(6)]
+    seen = {}
+    for epochs in (1, 2):
+        algo, ex = make_algo("spin", rows=arith_sft_rows(16, seed=0), steps_per_iteration=4,
+                             epochs_per_iteration=epochs)
+        algo.build_iteration = lambda prompts: list(data)
+        algo.step_metrics = {}
+        steps = []
+        for _ in range(4):
+            steps.append([p.prompt_ids[1] for p in algo.step_pairs(ex[:4])])
+            algo._iter_step += 1
+        seen[epochs] = steps
+    once = seen[1]
+    assert sorted(i for s in once for i in s) == list(range(6))  # one pass over 4 steps
+    first, second = seen[2][0] + seen[2][1], seen[2][2] + seen[2][3]
+    assert sorted(first) == sorted(second) == list(range(6))     # two whole passes
+    assert first != second                                          # each in its own order
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["algorithm=online_dpo", "online_dpo.epochs_per_iteration=2"],
+     "online_dpo.epochs_per_iteration=2: only the methods with an iteration dataset"),
+    (["algorithm=spin", "spin.steps_per_iteration=10", "spin.epochs_per_iteration=3"],
+     "spin.epochs_per_iteration=3 must divide steps_per_iteration=10"),
+    (["algorithm=spin", "spin.epochs_per_iteration=0"], "spin.epochs_per_iteration must be an int >= 1"),
+])
+def test_epochs_per_iteration_errors_name_the_key(overrides, needle):
+    from fastpref.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, overrides)

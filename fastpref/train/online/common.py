@@ -443,6 +443,11 @@ class PairDPOConfig(OnlineConfig):
     """DPO beta."""
     steps_per_iteration: int = 10
     """Optimizer steps per iteration; after each iteration the reference becomes the current policy."""
+    epochs_per_iteration: int = 1
+    """Methods with a frozen generator per iteration (spin, self_rewarding, dice, apo, ilr_dpo): passes over the
+    iteration's dataset, each in a fresh seeded order, within its ``steps_per_iteration`` steps (which it must
+    divide: ``steps_per_iteration / epochs_per_iteration`` steps per pass). uclaml/SPIN trains 3 epochs at
+    iteration 0 and 6 later; 1: one pass. online_dpo (a fresh batch every step) takes only 1."""
     length_alpha: float = 0.0
     """Length regularisation: R-DPO's ``alpha`` (Park et al. 2024; ``dpo_loss(rdpo_alpha=...)`` adds
     ``alpha * (|y_w| - |y_l|)`` to the pair logit, so length alone earns no margin); 0: off."""
@@ -453,7 +458,8 @@ class PairDPOConfig(OnlineConfig):
     iteration_prompts: int | None = None
     """Methods with a frozen generator per iteration (spin, self_rewarding, dice, apo, ilr_dpo): prompts of the
     training split that M_t answers when the iteration starts (a seeded draw, without repeats until the split is
-    used up). None: ``steps_per_iteration * train.batch_size``, the prompts the iteration's steps stand for."""
+    used up). None: ``steps_per_iteration / epochs_per_iteration * train.batch_size``, the prompts one pass of the
+    iteration's steps stands for."""
 
     def validate(self) -> None:
         super().validate()
@@ -466,6 +472,12 @@ class PairDPOConfig(OnlineConfig):
             raise ValueError(msg if msg.startswith(key) else f"{key}={getattr(self, key)!r}: {msg}") from None
         if not (isinstance(self.steps_per_iteration, int) and self.steps_per_iteration >= 1):
             raise ValueError(f"steps_per_iteration must be an int >= 1, got {self.steps_per_iteration!r}")
+        e = self.epochs_per_iteration
+        if not (isinstance(e, int) and not isinstance(e, bool) and e >= 1):
+            raise ValueError(f"epochs_per_iteration must be an int >= 1, got {e!r}")
+        if self.steps_per_iteration % e:
+            raise ValueError(f"epochs_per_iteration={e} must divide steps_per_iteration={self.steps_per_iteration} "
+                             "(the same number of steps per pass over the iteration's dataset)")
         if self.iteration_prompts is not None and not (isinstance(self.iteration_prompts, int)
                                                        and self.iteration_prompts >= 1):
             raise ValueError(f"iteration_prompts must be null or an int >= 1, got {self.iteration_prompts!r}")
@@ -527,6 +539,15 @@ class PairDPOAlgorithm(OnlineAlgorithm):
     micro_batch_type = PairMicroBatch
     iterative = False
 
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        sec = cfg.sections.get(cls.name) if getattr(cls, "name", None) else None
+        if sec is not None and not cls.iterative and sec.epochs_per_iteration != 1:
+            raise ValueError(f"{cls.name}.epochs_per_iteration={sec.epochs_per_iteration}: only the methods with an "
+                             "iteration dataset (spin, self_rewarding, dice, apo, ilr_dpo) make passes over one; "
+                             f"{cls.name} trains on fresh pairs every step (use 1)")
+
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
         sec = self.sec
@@ -563,11 +584,12 @@ class PairDPOAlgorithm(OnlineAlgorithm):
         raise NotImplementedError
 
     def iteration_prompt_examples(self, examples: list[dict]) -> list[dict]:
-        """The prompts M_t answers: ``iteration_prompts`` (default ``steps_per_iteration * len(examples)``) of
+        """The prompts M_t answers: ``iteration_prompts`` (default: the steps of one pass x ``len(examples)``) of
         the training split (``rt.train_examples``, else the step's examples), in a seeded order that
         goes through the split before repeating."""
         pool = self.rt.train_examples or examples
-        n = self.sec.iteration_prompts or self.sec.steps_per_iteration * len(examples)
+        per_pass = self.sec.steps_per_iteration // self.sec.epochs_per_iteration
+        n = self.sec.iteration_prompts or per_pass * len(examples)
         out: list[dict] = []
         while len(out) < n:
             order = list(range(len(pool)))
@@ -614,9 +636,13 @@ class PairDPOAlgorithm(OnlineAlgorithm):
             self.rng.shuffle(data)
             self._iter_data = data
             self.step_metrics["iteration/pairs"] = float(len(data))
-        per = -(-len(self._iter_data) // self.sec.steps_per_iteration)
+        per_pass = self.sec.steps_per_iteration // self.sec.epochs_per_iteration  # steps per pass over the data
         k = self._iter_step % self.sec.steps_per_iteration
-        return self._iter_data[k * per:(k + 1) * per]
+        if k and k % per_pass == 0:  # a new pass (epochs_per_iteration > 1): a fresh seeded order
+            self.rng.shuffle(self._iter_data)
+        per = -(-len(self._iter_data) // per_pass)
+        j = k % per_pass
+        return self._iter_data[j * per:(j + 1) * per]
 
     def start(self) -> None:
         """Once, at the first step (the trainer takes the reference after building the algorithm; a resumed run
