@@ -129,12 +129,12 @@ def main() -> None:
     for case in CASES:
         m = measure(case)
         rows.append((case, m))
-    print(f"\n{'micro-batch':<14} {'fastpref before':>15} {'fastpref now':>13} {'transformers before':>20} "
+    print(f"\n{'micro-batch':<26} {'fastpref before':>15} {'fastpref now':>13} {'transformers before':>20} "
           f"{'transformers now':>17} {'other':>6}")
     for case, m in rows:
         b_own, b_tf = BEFORE[case]
         fmt = lambda x: "-" if x is None else str(x)  # noqa: E731
-        print(f"{case:<14} {fmt(b_own):>15} {m.own:>13} {fmt(b_tf):>20} {m.transformers:>17} {m.other:>6}")
+        print(f"{case:<26} {fmt(b_own):>15} {m.own:>13} {fmt(b_tf):>20} {m.transformers:>17} {m.other:>6}")
     for case, m in rows:
         if m.where():
             print(f"  {case}: {m.where()}")
