@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 PY=python3
 
 # 1. carried wheels (liger-kernel, trl, datasets, dill, multiprocess), then the project itself (editable, so
-#    kernels/ and benchmarks/ import as fastpref.kernels / fastpref.benchmarks)
+#    benchmarks/ imports as fastpref.benchmarks)
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}

@@ -1,4 +1,6 @@
-"""Packaging: kernels/ and benchmarks/ install inside fastpref, never as top-level modules."""
+"""Packaging: the kernels (fastpref/kernels/) and benchmarks/ install inside fastpref, never as top-level modules;
+no top-level `kernels` importable from the repository root (it would shadow Hugging Face's `kernels`, which
+transformers imports)."""
 
 import subprocess
 import sys
@@ -19,6 +21,16 @@ def test_installed_layout(tmp_path):
     line = out.stdout.strip().splitlines()[-1]
     assert line.startswith("ok")
     assert str(ROOT / "kernels") not in line
+
+
+def test_the_repository_root_does_not_shadow_the_kernels_distribution():
+    """With the repo root first on sys.path (``python -m pytest`` from the root, ``python -m fastpref.cli``) a
+    top-level ``kernels`` must not resolve to this repository: transformers >= 5.25 imports Hugging Face's
+    ``kernels`` package at import time."""
+    code = "import importlib.util; s = importlib.util.find_spec('kernels'); print('ok', s.origin if s else None)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("ok") and str(ROOT) not in line, line
 
 
 def test_wheel_contents(tmp_path):
