@@ -8,7 +8,7 @@ backward), and prints them per origin (fastpref's own code vs transformers') nex
 the batch refactor of issue 15 (commit 1b5b41b, ``/tmp/count_syncs.py``). ``tests/test_host_syncs.py`` asserts the
 same counts: zero from fastpref, transformers' bounded by :data:`TRANSFORMERS_BOUND`.
 
-What remains, all inside transformers 5.24's padding-mask handling of a PADDED batch (the model's own SDPA
+What remains, all inside transformers 5.24's and 5.25's padding-mask handling of a PADDED batch (the model's own SDPA
 attention; a packed batch has none, see ``fastpref.attention.hf``): ``masking_utils._ignore_causal_mask_sdpa``
 reads whether the 2-D padding mask is all ones (``fast_all``) to skip materialising the 4-D mask -- up to 2 reads
 per forward (the full mask, then its prompt part when there is padding), so 4 per DPO micro-batch (reference +
