@@ -27,11 +27,11 @@ BEFORE = {  # measured at 1b5b41b (before issue 15's single batch type), per mic
     "dpo packed": (9, 2),
     "grpo packed": (4, 1),  # measured with this script run on the 1b5b41b tree
     "online_dpo packed": (2, None),  # measured at da30cbd (the fused loss still validating its tensors)
-    "dpo packed skip_unscored": (None, None),  # not reachable from the config before issue 15
-    "kto padded skip_unscored": (None, None),
+    "dpo packed no-skip": (None, None),  # skip_unscored was not reachable from the config before issue 15
+    "kto padded": (None, None),
 }
 TRANSFORMERS_BOUND = {"dpo padded": 4, "dpo packed": 0, "grpo packed": 0, "online_dpo packed": 0,
-                      "dpo packed skip_unscored": 0, "kto padded skip_unscored": 8}
+                      "dpo packed no-skip": 0, "kto padded": 8}
 """transformers' syncs per micro-batch now (module docstring: 2 per padded forward, none packed; KTO runs four
 forwards: policy and reference on the batch and on its mismatched pairs)."""
 
@@ -76,8 +76,8 @@ CASES = {
     "grpo packed": ("grpo", ["data.pack=true", "reference.mode=copy", "grpo.beta=0.04", "grpo.num_iterations=2",
                              "grpo.reward=fastpref.benchmarks.host_syncs:spread_reward",
                              "grpo.generation.num_generations=2", "grpo.generation.max_new_tokens=4"]),
-    "dpo packed skip_unscored": ("dpo", ["data.pack=true", "dpo.skip_unscored=true"]),
-    "kto padded skip_unscored": ("kto", ["data.pack=false", "kto.skip_unscored=true"]),
+    "dpo packed no-skip": ("dpo", ["data.pack=true", "dpo.skip_unscored=false"]),
+    "kto padded": ("kto", ["data.pack=false"]),
     "online_dpo packed": ("online_dpo", ["data.pack=true",
                                          "online_dpo.reward=fastpref.benchmarks.host_syncs:spread_reward",
                                          "online_dpo.generation.num_generations=2",

@@ -47,7 +47,7 @@ def _yaml(v):
 
 
 # algorithm -> (every field of its section at a value other than its default, what the built loss must hold)
-SKIP = {"skip_unscored": True}  # FusedLossOptions, which the five fused sections inherit
+SKIP = {"skip_unscored": False}  # FusedLossOptions (default true), which the five fused sections inherit
 SET = {
     "dpo": ({**SKIP, "beta": 0.3, "loss_type": ["sigmoid", "hinge"], "loss_weights": [0.7, 0.2], "label_smoothing": 0.1,
              "rpo_alpha": 0.4, "rdpo_alpha": 0.05, "ld_alpha": 0.5, "dpop_lambda": 2.0, "discopop_tau": 0.2,
@@ -329,9 +329,10 @@ def test_ld_alpha_and_rpo_alpha_change_a_two_step_run(tmp_path):
 
 @pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
 def test_skip_unscored_trains_the_same_run(tmp_path, pack):
-    """``dpo.skip_unscored=true`` (the head sees only the scored positions) gives the same two-step run."""
-    base = _run_losses(tmp_path, f"base-{pack}", f"data.pack={str(pack).lower()}")
-    skip = _run_losses(tmp_path, f"skip-{pack}", f"data.pack={str(pack).lower()}", "dpo.skip_unscored=true")
+    """``dpo.skip_unscored`` (on by default: the head sees only the scored positions) gives the same two-step run
+    as ``false`` (the head on every position)."""
+    base = _run_losses(tmp_path, f"base-{pack}", f"data.pack={str(pack).lower()}", "dpo.skip_unscored=false")
+    skip = _run_losses(tmp_path, f"skip-{pack}", f"data.pack={str(pack).lower()}")
     assert len(base) == len(skip) == 2 and abs(base[1] - base[0]) > 1e-4  # it trained
     assert skip == pytest.approx(base, rel=1e-5, abs=1e-6)
 

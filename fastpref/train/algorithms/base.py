@@ -65,10 +65,11 @@ class FusedLossOptions:
     """Options of the fused hidden-state losses that every off-line preference section (``dpo``, ``kto``,
     ``orpo``, ``simpo``, ``cpo``) inherits; how the loss is computed, not what."""
 
-    skip_unscored: bool = False
+    skip_unscored: bool = True
     """Drop the prompt and padding positions before the LM head, for the policy and the reference (the fused
-    losses' ``skip_unscored``): often half the head's work on a DPO batch, identical results, no host sync (the
-    collator counts the scored tokens on the host). Off by default, as the loss's own default."""
+    losses' ``skip_unscored``): the head's work on those positions is wasted (their targets are ignored), so this
+    is on by default -- the same results up to float summation order, no host sync (the collator counts the scored
+    tokens on the host). false: the head runs on every position (the loss classes' own default)."""
 
     def fused_kwargs(self) -> dict:
         """The fused loss's constructor arguments this mixin stands for."""
